@@ -1,0 +1,571 @@
+//! The serving side: a listener, and a thread that accepts only when a worker can take the
+//! connection, hands each one to the longest-waiting ready worker, and keeps its own copy of the
+//! fd until that worker acknowledges receipt, so a worker that dies first loses nothing.
+//!
+//! The thread shares nothing with the Tcl thread but sockets: requests (`info`, `close`) arrive
+//! on a control socket. So a child forked at any moment finds no lock held by this thread; and
+//! every fd the thread owns is a [`ParentOnlyFd`], which forked children close.
+
+use crate::fdpass::{self, Received, ACK, MAX_MESSAGE, READY};
+use crate::fork_safety::{CreateSection, ParentOnlyFd};
+use std::collections::VecDeque;
+use std::io;
+use std::net::SocketAddr;
+use std::os::fd::{AsFd, AsRawFd, BorrowedFd, OwnedFd};
+use std::thread::JoinHandle;
+use std::time::{Duration, Instant};
+
+/// How long accepting pauses after running out of fds or memory.
+const ACCEPT_BACKOFF: Duration = Duration::from_millis(100);
+/// Connections accepted in a row before the other sockets get a look.
+const ACCEPT_BATCH: usize = 64;
+/// How long the Tcl thread waits for the dispatcher to answer a request.
+const REQUEST_TIMEOUT: Duration = Duration::from_secs(5);
+
+const STOP: u8 = b'S';
+const SNAPSHOT: u8 = b'I';
+
+/// What `::socketserver::info` reports of a dispatcher.
+#[derive(Debug, Clone, PartialEq, Eq, Default)]
+pub struct Snapshot {
+    pub accepted: u64,
+    pub delivered: u64,
+    pub queued: u32,
+    pub ready: u32,
+    pub workers: Vec<i32>,
+}
+
+impl Snapshot {
+    fn encode(&self) -> Vec<u8> {
+        let mut out = Vec::with_capacity(24 + 4 * self.workers.len());
+        out.extend_from_slice(&self.accepted.to_le_bytes());
+        out.extend_from_slice(&self.delivered.to_le_bytes());
+        out.extend_from_slice(&self.queued.to_le_bytes());
+        out.extend_from_slice(&self.ready.to_le_bytes());
+        for pid in &self.workers {
+            out.extend_from_slice(&pid.to_le_bytes());
+        }
+        out
+    }
+
+    fn decode(bytes: &[u8]) -> Option<Snapshot> {
+        if bytes.len() < 24 || (bytes.len() - 24) % 4 != 0 {
+            return None;
+        }
+        let u64_at = |i: usize| u64::from_le_bytes(bytes[i..i + 8].try_into().unwrap());
+        let u32_at = |i: usize| u32::from_le_bytes(bytes[i..i + 4].try_into().unwrap());
+        Some(Snapshot {
+            accepted: u64_at(0),
+            delivered: u64_at(8),
+            queued: u32_at(16),
+            ready: u32_at(20),
+            workers: bytes[24..]
+                .chunks_exact(4)
+                .map(|c| i32::from_le_bytes(c.try_into().unwrap()))
+                .collect(),
+        })
+    }
+}
+
+/// A listening port served by a dispatcher thread, as the Tcl thread that created it sees it.
+#[derive(Debug)]
+pub struct Server {
+    pub address: SocketAddr,
+    pub backlog: u32,
+    pub queue_limit: usize,
+    /// The end of the registration socket that workers (this process and its forked children)
+    /// use to register. Inherited by children on purpose.
+    pub registration: OwnedFd,
+    control: ParentOnlyFd,
+    thread: Option<JoinHandle<()>>,
+    generation: u64,
+}
+
+impl Server {
+    /// Binds and listens at once, so every failure is reported here, then starts the thread.
+    pub fn start(address: SocketAddr, backlog: u32, queue_limit: usize) -> io::Result<Server> {
+        crate::fork_safety::install()?;
+        let section = CreateSection::enter();
+        let listener = section.adopt(fdpass::listen(address, backlog)?)?;
+        let (registration, registrar) = fdpass::seqpacket_pair()?;
+        let registrar = section.adopt(registrar)?;
+        let (control, thread_control) = fdpass::seqpacket_pair()?;
+        let control = section.adopt(control)?;
+        let thread_control = section.adopt(thread_control)?;
+        drop(section);
+        let address = fdpass::local_addr(listener.as_fd())?;
+        let dispatcher = Dispatcher::new(listener, registrar, thread_control, queue_limit);
+        let thread = std::thread::Builder::new()
+            .name(format!("socketserver:{}", address.port()))
+            .spawn(move || dispatcher.run())?;
+        Ok(Server {
+            address,
+            backlog,
+            queue_limit,
+            registration,
+            control,
+            thread: Some(thread),
+            generation: crate::fork_safety::generation(),
+        })
+    }
+
+    /// False in a child forked from the process that started the server.
+    pub fn is_owner(&self) -> bool {
+        self.generation == crate::fork_safety::generation()
+    }
+
+    /// Asks the dispatcher thread for its counters. Only in the owning process.
+    pub fn snapshot(&self) -> io::Result<Snapshot> {
+        fdpass::send_byte(self.control.as_fd(), SNAPSHOT)?;
+        wait_readable(self.control.as_fd(), REQUEST_TIMEOUT)?;
+        let mut buf = vec![0u8; 64 * 1024];
+        let len = nix::sys::socket::recv(self.control.as_raw_fd(), &mut buf, nix::sys::socket::MsgFlags::empty())
+            .map_err(|e| io::Error::from_raw_os_error(e as i32))?;
+        Snapshot::decode(&buf[..len]).ok_or_else(|| {
+            io::Error::new(io::ErrorKind::BrokenPipe, "the dispatcher thread has stopped")
+        })
+    }
+}
+
+impl Drop for Server {
+    /// In the owning process: stops the thread, which closes the listener and every connection
+    /// not yet handed over. In a forked child the thread does not exist and the fork handler has
+    /// already closed the parent-only fds, so there is nothing to stop.
+    fn drop(&mut self) {
+        if !self.is_owner() {
+            // The handle names a thread of the parent: detaching it here would be wrong.
+            std::mem::forget(self.thread.take());
+            return;
+        }
+        // A send error means the thread has already ended; joining is then immediate.
+        let _ = fdpass::send_byte(self.control.as_fd(), STOP);
+        if let Some(thread) = self.thread.take() {
+            let _ = thread.join();
+        }
+    }
+}
+
+/// Waits until `fd` is readable, or fails with ETIMEDOUT.
+fn wait_readable(fd: BorrowedFd, timeout: Duration) -> io::Result<()> {
+    let deadline = Instant::now() + timeout;
+    loop {
+        let left = deadline.saturating_duration_since(Instant::now());
+        let mut pfd = libc::pollfd { fd: fd.as_raw_fd(), events: libc::POLLIN, revents: 0 };
+        // SAFETY: one valid pollfd, and nfds says one.
+        let n = unsafe { libc::poll(&mut pfd, 1, left.as_millis().min(i32::MAX as u128) as i32) };
+        match n {
+            1 => return Ok(()),
+            0 => return Err(io::Error::from_raw_os_error(libc::ETIMEDOUT)),
+            _ => {
+                let err = io::Error::last_os_error();
+                if err.kind() != io::ErrorKind::Interrupted {
+                    return Err(err);
+                }
+            }
+        }
+    }
+}
+
+/// An accepted connection and the peer's address.
+#[derive(Debug)]
+struct Connection {
+    fd: ParentOnlyFd,
+    peer: SocketAddr,
+}
+
+#[derive(Debug)]
+struct Worker {
+    sock: ParentOnlyFd,
+    pid: i32,
+    ready: bool,
+    /// Sent to the worker, not yet acknowledged: ours to send elsewhere if the worker dies.
+    in_flight: Option<Connection>,
+}
+
+struct Dispatcher {
+    listener: ParentOnlyFd,
+    registrar: ParentOnlyFd,
+    control: ParentOnlyFd,
+    queue_limit: usize,
+    workers: Vec<Option<Worker>>,
+    /// Ready workers, longest-waiting first.
+    ready: VecDeque<usize>,
+    /// Accepted connections waiting for a ready worker.
+    waiting: VecDeque<Connection>,
+    accepted: u64,
+    delivered: u64,
+    accept_paused_until: Option<Instant>,
+    pollfds: Vec<libc::pollfd>,
+    /// The worker slot behind each pollfd from index WORKERS_AT on.
+    polled_workers: Vec<usize>,
+}
+
+const CONTROL_AT: usize = 0;
+const REGISTRAR_AT: usize = 1;
+const LISTENER_AT: usize = 2;
+const WORKERS_AT: usize = 3;
+
+impl Dispatcher {
+    fn new(
+        listener: ParentOnlyFd,
+        registrar: ParentOnlyFd,
+        control: ParentOnlyFd,
+        queue_limit: usize,
+    ) -> Dispatcher {
+        Dispatcher {
+            listener,
+            registrar,
+            control,
+            queue_limit,
+            workers: Vec::new(),
+            ready: VecDeque::new(),
+            waiting: VecDeque::new(),
+            accepted: 0,
+            delivered: 0,
+            accept_paused_until: None,
+            pollfds: Vec::new(),
+            polled_workers: Vec::new(),
+        }
+    }
+
+    /// Runs until told to stop or until the Tcl side's control socket closes. Dropping self
+    /// then closes the listener, the worker sockets and every connection not handed over.
+    fn run(mut self) {
+        loop {
+            let timeout = self.poll_timeout();
+            self.build_pollfds();
+            // SAFETY: pollfds is a live Vec of initialised pollfd structs and nfds is its length.
+            let n = unsafe {
+                libc::poll(self.pollfds.as_mut_ptr(), self.pollfds.len() as libc::nfds_t, timeout)
+            };
+            if n == -1 {
+                if io::Error::last_os_error().kind() == io::ErrorKind::Interrupted {
+                    continue;
+                }
+                // poll fails only on bad arguments or lack of memory: wait and try again.
+                std::thread::sleep(ACCEPT_BACKOFF);
+                continue;
+            }
+            if self.revents(CONTROL_AT) != 0 && !self.serve_control() {
+                return;
+            }
+            if self.revents(REGISTRAR_AT) != 0 {
+                self.register_workers();
+            }
+            for i in 0..self.polled_workers.len() {
+                if self.pollfds[WORKERS_AT + i].revents != 0 {
+                    self.serve_worker(self.polled_workers[i]);
+                }
+            }
+            self.dispatch();
+            if self.revents(LISTENER_AT) != 0 {
+                self.accept_batch();
+            }
+        }
+    }
+
+    fn revents(&self, at: usize) -> libc::c_short {
+        self.pollfds[at].revents
+    }
+
+    fn can_accept(&self) -> bool {
+        self.accept_paused_until.is_none() && self.waiting.len() < self.ready.len() + self.queue_limit
+    }
+
+    fn poll_timeout(&mut self) -> libc::c_int {
+        match self.accept_paused_until {
+            Some(until) => {
+                let left = until.saturating_duration_since(Instant::now());
+                if left.is_zero() {
+                    self.accept_paused_until = None;
+                    -1
+                } else {
+                    left.as_millis() as libc::c_int + 1
+                }
+            }
+            None => -1,
+        }
+    }
+
+    fn build_pollfds(&mut self) {
+        let entry = |fd: i32| libc::pollfd { fd, events: libc::POLLIN, revents: 0 };
+        // A negative fd makes poll skip the listener: back pressure stays in the kernel backlog.
+        let listener = if self.can_accept() { self.listener.as_raw_fd() } else { -1 };
+        self.pollfds.clear();
+        self.pollfds.push(entry(self.control.as_raw_fd()));
+        self.pollfds.push(entry(self.registrar.as_raw_fd()));
+        self.pollfds.push(entry(listener));
+        self.polled_workers.clear();
+        for (slot, worker) in self.workers.iter().enumerate() {
+            if let Some(worker) = worker {
+                self.pollfds.push(entry(worker.sock.as_raw_fd()));
+                self.polled_workers.push(slot);
+            }
+        }
+    }
+
+    /// Answers one request; false when the thread should stop.
+    fn serve_control(&mut self) -> bool {
+        let mut buf = [0u8; MAX_MESSAGE];
+        match fdpass::recv_with_fd(self.control.as_fd(), &mut buf) {
+            Ok(Received::Message(1, None)) if buf[0] == SNAPSHOT => {
+                let reply = self.snapshot().encode();
+                // The Tcl thread is waiting for it; if it has gone, there is no one to tell.
+                let _ = nix::sys::socket::send(
+                    self.control.as_raw_fd(),
+                    &reply,
+                    nix::sys::socket::MsgFlags::MSG_DONTWAIT | nix::sys::socket::MsgFlags::MSG_NOSIGNAL,
+                );
+                true
+            }
+            Ok(Received::Empty) => true,
+            // STOP, the Tcl side closing, or anything unexpected from it.
+            _ => false,
+        }
+    }
+
+    fn snapshot(&self) -> Snapshot {
+        Snapshot {
+            accepted: self.accepted,
+            delivered: self.delivered,
+            queued: self.waiting.len() as u32,
+            ready: self.ready.len() as u32,
+            workers: self.workers.iter().flatten().map(|w| w.pid).collect(),
+        }
+    }
+
+    fn register_workers(&mut self) {
+        let mut buf = [0u8; MAX_MESSAGE];
+        loop {
+            let section = CreateSection::enter();
+            let received = fdpass::recv_with_fd(self.registrar.as_fd(), &mut buf);
+            let (len, fd) = match received {
+                Ok(Received::Message(len, Some(fd))) => (len, section.adopt(fd)),
+                Ok(Received::Message(..)) => continue, // no fd attached: not a registration
+                _ => return,
+            };
+            drop(section);
+            let (Some(pid), Ok(sock)) = (fdpass::decode_registration(&buf[..len]), fd) else {
+                continue;
+            };
+            let worker = Some(Worker { sock, pid, ready: false, in_flight: None });
+            match self.workers.iter().position(Option::is_none) {
+                Some(free) => self.workers[free] = worker,
+                None => self.workers.push(worker),
+            }
+        }
+    }
+
+    fn serve_worker(&mut self, slot: usize) {
+        let mut buf = [0u8; MAX_MESSAGE];
+        loop {
+            let Some(worker) = self.workers[slot].as_mut() else { return };
+            match fdpass::recv_with_fd(worker.sock.as_fd(), &mut buf) {
+                Ok(Received::Message(1, None)) if buf[0] == READY => {
+                    if !worker.ready {
+                        worker.ready = true;
+                        self.ready.push_back(slot);
+                    }
+                }
+                Ok(Received::Message(1, None)) if buf[0] == ACK => {
+                    if worker.in_flight.take().is_some() {
+                        self.delivered += 1;
+                    }
+                }
+                Ok(Received::Empty) => return,
+                // Gone, or speaking another protocol: either way no longer a worker.
+                _ => return self.remove_worker(slot),
+            }
+        }
+    }
+
+    /// Forgets a worker; a connection it had not acknowledged goes first to the next one.
+    fn remove_worker(&mut self, slot: usize) {
+        if let Some(worker) = self.workers[slot].take() {
+            if worker.ready {
+                self.ready.retain(|&s| s != slot);
+            }
+            if let Some(conn) = worker.in_flight {
+                self.waiting.push_front(conn);
+            }
+        }
+    }
+
+    /// Hands waiting connections to ready workers, longest-waiting worker first.
+    fn dispatch(&mut self) {
+        while !self.waiting.is_empty() {
+            let Some(slot) = self.ready.pop_front() else { return };
+            let conn = self.waiting.pop_front().expect("checked non-empty");
+            let worker = self.workers[slot].as_mut().expect("ready workers exist");
+            worker.ready = false;
+            let mut payload = [0u8; MAX_MESSAGE];
+            let len = fdpass::encode_peer(&conn.peer, &mut payload);
+            match fdpass::send_with_fd(worker.sock.as_fd(), &payload[..len], conn.fd.as_fd()) {
+                Ok(()) => worker.in_flight = Some(conn),
+                Err(_) => {
+                    // The worker has gone (or cannot take it): keep the connection for the next.
+                    self.waiting.push_front(conn);
+                    self.remove_worker(slot);
+                }
+            }
+        }
+    }
+
+    fn accept_batch(&mut self) {
+        for _ in 0..ACCEPT_BATCH {
+            if !self.can_accept() {
+                return;
+            }
+            let section = CreateSection::enter();
+            let accepted = fdpass::accept(self.listener.as_fd())
+                .and_then(|(fd, peer)| Ok(Connection { fd: section.adopt(fd)?, peer }));
+            drop(section);
+            match accepted {
+                Ok(conn) => {
+                    self.accepted += 1;
+                    self.waiting.push_back(conn);
+                    self.dispatch();
+                }
+                Err(err) => match err.raw_os_error() {
+                    Some(libc::EAGAIN) => return,
+                    // The client gave up, or a signal: just take the next.
+                    Some(libc::ECONNABORTED | libc::EINTR | libc::EPROTO) => {}
+                    // Out of fds or memory (or worse): back off rather than spin, keep serving.
+                    _ => {
+                        self.accept_paused_until = Some(Instant::now() + ACCEPT_BACKOFF);
+                        return;
+                    }
+                },
+            }
+        }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::worker::{Delivery, WorkerLink};
+    use std::io::{Read, Write};
+    use std::net::TcpStream;
+
+    fn start(queue: usize) -> Server {
+        Server::start("127.0.0.1:0".parse().unwrap(), 16, queue).unwrap()
+    }
+
+    fn wait_for(server: &Server, what: &str, cond: impl Fn(&Snapshot) -> bool) -> Snapshot {
+        let deadline = Instant::now() + Duration::from_secs(5);
+        loop {
+            let snap = server.snapshot().unwrap();
+            if cond(&snap) {
+                return snap;
+            }
+            assert!(Instant::now() < deadline, "timed out waiting for {what}: {snap:?}");
+            std::thread::sleep(Duration::from_millis(2));
+        }
+    }
+
+    fn receive(link: &mut WorkerLink) -> Delivery {
+        wait_readable(link.as_fd(), Duration::from_secs(5)).expect("a delivery in time");
+        link.receive().unwrap().expect("a connection")
+    }
+
+    #[test]
+    fn snapshots_round_trip() {
+        let snap = Snapshot { accepted: 7, delivered: 5, queued: 1, ready: 2, workers: vec![3, 9] };
+        assert_eq!(Snapshot::decode(&snap.encode()), Some(snap));
+        assert_eq!(Snapshot::decode(&[0; 23]), None);
+    }
+
+    #[test]
+    fn a_ready_worker_gets_the_connection_and_its_peer() {
+        let server = start(0);
+        let mut link = WorkerLink::register(server.registration.as_fd()).unwrap();
+        link.arm().unwrap();
+        wait_for(&server, "ready", |s| s.ready == 1);
+        let mut client = TcpStream::connect(server.address).unwrap();
+        let delivery = receive(&mut link);
+        assert_eq!(delivery.peer, client.local_addr().unwrap());
+        let mut conn = TcpStream::from(delivery.fd);
+        conn.write_all(b"pong").unwrap();
+        drop(conn);
+        let mut reply = String::new();
+        client.read_to_string(&mut reply).unwrap();
+        assert_eq!(reply, "pong", "closing the worker's copy closes the connection");
+        let snap = wait_for(&server, "delivery", |s| s.delivered == 1);
+        assert_eq!((snap.accepted, snap.queued, snap.ready), (1, 0, 0));
+        assert_eq!(snap.workers, vec![std::process::id() as i32]);
+    }
+
+    #[test]
+    fn nothing_is_accepted_until_a_worker_is_ready() {
+        let server = start(0);
+        let clients: Vec<_> = (0..3).map(|_| TcpStream::connect(server.address).unwrap()).collect();
+        let mut link = WorkerLink::register(server.registration.as_fd()).unwrap();
+        std::thread::sleep(Duration::from_millis(50));
+        assert_eq!(server.snapshot().unwrap().accepted, 0);
+        for client in &clients {
+            link.arm().unwrap();
+            assert_eq!(receive(&mut link).peer, client.local_addr().unwrap(), "in arrival order");
+        }
+        assert_eq!(server.snapshot().unwrap().accepted, 3);
+    }
+
+    #[test]
+    fn the_queue_limit_bounds_what_is_accepted_ahead() {
+        let server = start(2);
+        let _clients: Vec<_> = (0..4).map(|_| TcpStream::connect(server.address).unwrap()).collect();
+        let snap = wait_for(&server, "two queued", |s| s.queued == 2);
+        std::thread::sleep(Duration::from_millis(50));
+        assert_eq!(server.snapshot().unwrap().accepted, 2, "{snap:?}");
+    }
+
+    #[test]
+    fn ready_workers_are_served_first_come_first_served() {
+        let server = start(0);
+        let mut first = WorkerLink::register(server.registration.as_fd()).unwrap();
+        let mut second = WorkerLink::register(server.registration.as_fd()).unwrap();
+        second.arm().unwrap();
+        wait_for(&server, "second ready", |s| s.ready == 1);
+        first.arm().unwrap();
+        wait_for(&server, "both ready", |s| s.ready == 2);
+        let a = TcpStream::connect(server.address).unwrap();
+        assert_eq!(receive(&mut second).peer, a.local_addr().unwrap());
+        let b = TcpStream::connect(server.address).unwrap();
+        assert_eq!(receive(&mut first).peer, b.local_addr().unwrap());
+    }
+
+    #[test]
+    fn a_connection_sent_to_a_worker_that_dies_goes_to_the_next() {
+        let server = start(0);
+        let mut doomed = WorkerLink::register(server.registration.as_fd()).unwrap();
+        doomed.arm().unwrap();
+        wait_for(&server, "doomed ready", |s| s.ready == 1);
+        let mut client = TcpStream::connect(server.address).unwrap();
+        wait_readable(doomed.as_fd(), Duration::from_secs(5)).unwrap();
+        drop(doomed); // dies holding the message, without acknowledging it
+        let mut survivor = WorkerLink::register(server.registration.as_fd()).unwrap();
+        survivor.arm().unwrap();
+        let delivery = receive(&mut survivor);
+        assert_eq!(delivery.peer, client.local_addr().unwrap());
+        TcpStream::from(delivery.fd).write_all(b"saved").unwrap();
+        let mut reply = String::new();
+        client.read_to_string(&mut reply).unwrap();
+        assert_eq!(reply, "saved");
+        let snap = wait_for(&server, "one worker", |s| s.workers.len() == 1);
+        assert_eq!((snap.accepted, snap.delivered), (1, 1));
+    }
+
+    #[test]
+    fn dropping_the_server_frees_the_port_and_tells_workers() {
+        let server = start(0);
+        let address = server.address;
+        let mut link = WorkerLink::register(server.registration.as_fd()).unwrap();
+        link.arm().unwrap();
+        wait_for(&server, "ready", |s| s.ready == 1);
+        drop(server);
+        let again = Server::start(address, 16, 0).expect("the port is free again at once");
+        assert_eq!(again.address, address);
+        wait_readable(link.as_fd(), Duration::from_secs(5)).unwrap();
+        assert!(link.receive().unwrap().is_none(), "the worker sees the server close");
+    }
+}

@@ -1,0 +1,299 @@
+//! The wire between dispatcher and workers: SOCK_SEQPACKET messages, some carrying one fd.
+//!
+//! Messages (one datagram each, so boundaries hold):
+//! - worker → dispatcher, on the shared registration socket: `W` + pid (i32 LE), with the
+//!   dispatcher's end of the worker's private socketpair attached;
+//! - worker → dispatcher, on its private socket: `R` (ready for one connection), `A` (received it);
+//! - dispatcher → worker, on the private socket: the peer address, with the client fd attached.
+//!
+//! Also here: the listener and `accept4`, since both deal in socket addresses.
+
+use nix::sys::socket::{
+    self, recvmsg, sendmsg, setsockopt, sockopt, AddressFamily, ControlMessage,
+    ControlMessageOwned, MsgFlags, SockFlag, SockType, SockaddrLike, SockaddrStorage,
+};
+use std::io::{self, IoSlice, IoSliceMut};
+use std::mem::MaybeUninit;
+use std::net::{IpAddr, Ipv4Addr, Ipv6Addr, SocketAddr, SocketAddrV4, SocketAddrV6};
+use std::os::fd::{AsRawFd, BorrowedFd, FromRawFd, OwnedFd, RawFd};
+
+pub const READY: u8 = b'R';
+pub const ACK: u8 = b'A';
+const REGISTER: u8 = b'W';
+
+/// Longest message: a registration (5 bytes) or an IPv6 peer (1 + 2 + 16).
+pub const MAX_MESSAGE: usize = 19;
+
+fn errno(e: nix::errno::Errno) -> io::Error {
+    io::Error::from_raw_os_error(e as i32)
+}
+
+/// A connected pair of close-on-exec SOCK_SEQPACKET sockets.
+pub fn seqpacket_pair() -> io::Result<(OwnedFd, OwnedFd)> {
+    socket::socketpair(AddressFamily::Unix, SockType::SeqPacket, None, SockFlag::SOCK_CLOEXEC)
+        .map_err(errno)
+}
+
+/// Encodes a peer address: family (4 or 6), port (big-endian), address bytes.
+pub fn encode_peer(peer: &SocketAddr, buf: &mut [u8; MAX_MESSAGE]) -> usize {
+    let port = peer.port().to_be_bytes();
+    buf[1..3].copy_from_slice(&port);
+    match peer.ip() {
+        IpAddr::V4(ip) => {
+            buf[0] = 4;
+            buf[3..7].copy_from_slice(&ip.octets());
+            7
+        }
+        IpAddr::V6(ip) => {
+            buf[0] = 6;
+            buf[3..19].copy_from_slice(&ip.octets());
+            19
+        }
+    }
+}
+
+pub fn decode_peer(bytes: &[u8]) -> Option<SocketAddr> {
+    let port = u16::from_be_bytes([*bytes.get(1)?, *bytes.get(2)?]);
+    match (bytes[0], bytes.len()) {
+        (4, 7) => {
+            let octets: [u8; 4] = bytes[3..7].try_into().ok()?;
+            Some(SocketAddr::new(Ipv4Addr::from(octets).into(), port))
+        }
+        (6, 19) => {
+            let octets: [u8; 16] = bytes[3..19].try_into().ok()?;
+            Some(SocketAddr::new(Ipv6Addr::from(octets).into(), port))
+        }
+        _ => None,
+    }
+}
+
+/// Sends one message with `fd` attached. Never blocks and never raises SIGPIPE.
+pub fn send_with_fd(sock: BorrowedFd, payload: &[u8], fd: BorrowedFd) -> io::Result<()> {
+    let fds = [fd.as_raw_fd()];
+    let cmsg = [ControlMessage::ScmRights(&fds)];
+    let flags = MsgFlags::MSG_DONTWAIT | MsgFlags::MSG_NOSIGNAL;
+    sendmsg::<()>(sock.as_raw_fd(), &[IoSlice::new(payload)], &cmsg, flags, None)
+        .map_err(errno)?;
+    Ok(())
+}
+
+/// Sends a one-byte message. Never blocks and never raises SIGPIPE.
+pub fn send_byte(sock: BorrowedFd, byte: u8) -> io::Result<()> {
+    let flags = MsgFlags::MSG_DONTWAIT | MsgFlags::MSG_NOSIGNAL;
+    socket::send(sock.as_raw_fd(), &[byte], flags).map_err(errno)?;
+    Ok(())
+}
+
+/// What one non-blocking receive found.
+#[derive(Debug)]
+pub enum Received {
+    /// A message of this many bytes, with the fd it carried, if any.
+    Message(usize, Option<OwnedFd>),
+    /// The peer has closed its end.
+    Closed,
+    /// Nothing to read now.
+    Empty,
+}
+
+/// Receives one message and the fd it may carry, made close-on-exec by the kernel.
+pub fn recv_with_fd(sock: BorrowedFd, buf: &mut [u8]) -> io::Result<Received> {
+    let mut cmsg_space = nix::cmsg_space!([RawFd; 1]);
+    let mut iov = [IoSliceMut::new(buf)];
+    let flags = MsgFlags::MSG_DONTWAIT | MsgFlags::MSG_CMSG_CLOEXEC;
+    let msg = match recvmsg::<()>(sock.as_raw_fd(), &mut iov, Some(&mut cmsg_space), flags) {
+        Ok(msg) => msg,
+        Err(nix::errno::Errno::EAGAIN) => return Ok(Received::Empty),
+        Err(nix::errno::Errno::ECONNRESET) => return Ok(Received::Closed),
+        Err(e) => return Err(errno(e)),
+    };
+    let mut fds = Vec::new();
+    for cmsg in msg.cmsgs().map_err(errno)? {
+        if let ControlMessageOwned::ScmRights(received) = cmsg {
+            // SAFETY: the kernel just installed these fds in our table for us; nobody else
+            // knows their numbers, so each gets exactly one owner here.
+            fds.extend(received.into_iter().map(|fd| unsafe { OwnedFd::from_raw_fd(fd) }));
+        }
+    }
+    let (len, truncated) = (msg.bytes, msg.flags.intersects(MsgFlags::MSG_CTRUNC | MsgFlags::MSG_TRUNC));
+    if truncated || fds.len() > 1 {
+        // Not a message of ours: the fds received are closed as `fds` drops.
+        return Err(io::Error::new(io::ErrorKind::InvalidData, "malformed message"));
+    }
+    if len == 0 && fds.is_empty() {
+        return Ok(Received::Closed);
+    }
+    Ok(Received::Message(len, fds.pop()))
+}
+
+pub fn encode_registration(pid: i32) -> [u8; 5] {
+    let p = pid.to_le_bytes();
+    [REGISTER, p[0], p[1], p[2], p[3]]
+}
+
+pub fn decode_registration(bytes: &[u8]) -> Option<i32> {
+    match bytes {
+        [REGISTER, a, b, c, d] => Some(i32::from_le_bytes([*a, *b, *c, *d])),
+        _ => None,
+    }
+}
+
+/// Creates a non-blocking, close-on-exec listening socket on `addr` (port 0: the kernel picks).
+/// IPv6 listeners are IPv6-only, so peers' addresses are never IPv4-mapped.
+pub fn listen(addr: SocketAddr, backlog: u32) -> io::Result<OwnedFd> {
+    let family = match addr {
+        SocketAddr::V4(_) => AddressFamily::Inet,
+        SocketAddr::V6(_) => AddressFamily::Inet6,
+    };
+    let flags = SockFlag::SOCK_CLOEXEC | SockFlag::SOCK_NONBLOCK;
+    let fd = socket::socket(family, SockType::Stream, flags, None).map_err(errno)?;
+    setsockopt(&fd, sockopt::ReuseAddr, &true).map_err(errno)?;
+    if family == AddressFamily::Inet6 {
+        setsockopt(&fd, sockopt::Ipv6V6Only, &true).map_err(errno)?;
+    }
+    socket::bind(fd.as_raw_fd(), &SockaddrStorage::from(addr)).map_err(errno)?;
+    let backlog = backlog.min(i32::MAX as u32) as i32;
+    // SAFETY: listen(2) on a socket we own; the kernel caps the backlog at somaxconn.
+    if unsafe { libc::listen(fd.as_raw_fd(), backlog) } == -1 {
+        return Err(io::Error::last_os_error());
+    }
+    Ok(fd)
+}
+
+/// The address a socket is bound to.
+pub fn local_addr(fd: BorrowedFd) -> io::Result<SocketAddr> {
+    let addr: SockaddrStorage = socket::getsockname(fd.as_raw_fd()).map_err(errno)?;
+    storage_to_std(&addr).ok_or_else(|| io::Error::from_raw_os_error(libc::EAFNOSUPPORT))
+}
+
+fn storage_to_std(addr: &SockaddrStorage) -> Option<SocketAddr> {
+    if let Some(v4) = addr.as_sockaddr_in() {
+        return Some(SocketAddrV4::new(v4.ip(), v4.port()).into());
+    }
+    let v6 = addr.as_sockaddr_in6()?;
+    Some(SocketAddrV6::new(v6.ip(), v6.port(), v6.flowinfo(), v6.scope_id()).into())
+}
+
+/// Accepts one connection as a blocking, close-on-exec socket, with its peer's address.
+/// A peer of an unknown family is reported as unspecified rather than refused.
+pub fn accept(listener: BorrowedFd) -> io::Result<(OwnedFd, SocketAddr)> {
+    let mut storage = MaybeUninit::<libc::sockaddr_storage>::zeroed();
+    let mut len = std::mem::size_of::<libc::sockaddr_storage>() as libc::socklen_t;
+    // SAFETY: storage is a zeroed sockaddr_storage and len says its size, so the kernel writes
+    // at most that much.
+    let fd = unsafe {
+        libc::accept4(
+            listener.as_raw_fd(),
+            storage.as_mut_ptr().cast(),
+            &mut len,
+            libc::SOCK_CLOEXEC,
+        )
+    };
+    if fd == -1 {
+        return Err(io::Error::last_os_error());
+    }
+    // SAFETY: accept4 returned a new fd that nobody else owns.
+    let fd = unsafe { OwnedFd::from_raw_fd(fd) };
+    // SAFETY: storage was zero-initialised and the kernel filled at most len bytes of it.
+    let addr = unsafe { SockaddrStorage::from_raw(storage.as_ptr().cast(), Some(len)) };
+    let unspecified = SocketAddr::new(Ipv4Addr::UNSPECIFIED.into(), 0);
+    let peer = addr.as_ref().and_then(storage_to_std).unwrap_or(unspecified);
+    Ok((fd, peer))
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use std::io::{Read, Write};
+    use std::os::fd::AsFd;
+    use std::net::{TcpListener, TcpStream};
+
+    #[test]
+    fn peers_round_trip() {
+        let mut buf = [0; MAX_MESSAGE];
+        for peer in ["127.0.0.1:8080", "[::1]:65535", "10.1.2.3:0", "[fe80::1]:1"] {
+            let peer: SocketAddr = peer.parse().unwrap();
+            let len = encode_peer(&peer, &mut buf);
+            assert_eq!(decode_peer(&buf[..len]), Some(peer));
+        }
+        assert_eq!(decode_peer(&[4, 0]), None);
+        assert_eq!(decode_peer(&[6, 0, 1, 2, 3, 4, 5]), None);
+        assert_eq!(decode_peer(&[]), None);
+    }
+
+    #[test]
+    fn registrations_round_trip() {
+        assert_eq!(decode_registration(&encode_registration(4242)), Some(4242));
+        assert_eq!(decode_registration(b"R"), None);
+    }
+
+    #[test]
+    fn an_fd_travels_with_its_message_and_arrives_cloexec() {
+        let (a, b) = seqpacket_pair().unwrap();
+        let (tx, rx) = seqpacket_pair().unwrap();
+        send_with_fd(a.as_fd(), b"hello", tx.as_fd()).unwrap();
+        send_byte(a.as_fd(), READY).unwrap();
+        let mut buf = [0; MAX_MESSAGE];
+        let Received::Message(len, Some(fd)) = recv_with_fd(b.as_fd(), &mut buf).unwrap() else {
+            panic!("expected a message with an fd")
+        };
+        assert_eq!(&buf[..len], b"hello");
+        // SAFETY: F_GETFD only reads the fd's flags.
+        let flags = unsafe { libc::fcntl(fd.as_raw_fd(), libc::F_GETFD) };
+        assert_eq!(flags & libc::FD_CLOEXEC, libc::FD_CLOEXEC);
+        // The received fd is the same socket: what goes in one end comes out of rx.
+        send_byte(fd.as_fd(), b'x').unwrap();
+        let Received::Message(1, None) = recv_with_fd(rx.as_fd(), &mut buf).unwrap() else {
+            panic!("expected one byte")
+        };
+        assert_eq!(buf[0], b'x');
+        // Boundaries hold: the next message is the one-byte READY, then nothing, then EOF.
+        assert!(matches!(recv_with_fd(b.as_fd(), &mut buf).unwrap(), Received::Message(1, None)));
+        assert!(matches!(recv_with_fd(b.as_fd(), &mut buf).unwrap(), Received::Empty));
+        drop(a);
+        assert!(matches!(recv_with_fd(b.as_fd(), &mut buf).unwrap(), Received::Closed));
+    }
+
+    #[test]
+    fn sending_to_a_closed_peer_is_an_error_not_a_signal() {
+        let (a, b) = seqpacket_pair().unwrap();
+        drop(b);
+        let err = send_byte(a.as_fd(), READY).unwrap_err();
+        assert_eq!(err.raw_os_error(), Some(libc::EPIPE));
+    }
+
+    #[test]
+    fn accept_reports_the_peer_and_returns_a_blocking_socket() {
+        let listener = listen("127.0.0.1:0".parse().unwrap(), 16).unwrap();
+        let addr = local_addr(listener.as_fd()).unwrap();
+        assert_ne!(addr.port(), 0);
+        let mut client = TcpStream::connect(addr).unwrap();
+        let (conn, peer) = accept(listener.as_fd()).unwrap();
+        assert_eq!(peer, client.local_addr().unwrap());
+        // SAFETY: F_GETFL only reads the status flags.
+        let flags = unsafe { libc::fcntl(conn.as_raw_fd(), libc::F_GETFL) };
+        assert_eq!(flags & libc::O_NONBLOCK, 0);
+        let mut conn = TcpStream::from(conn);
+        conn.write_all(b"hi").unwrap();
+        let mut reply = [0; 2];
+        client.read_exact(&mut reply).unwrap();
+        assert_eq!(&reply, b"hi");
+    }
+
+    #[test]
+    fn listen_reports_address_in_use() {
+        let taken = TcpListener::bind("127.0.0.1:0").unwrap();
+        let err = listen(taken.local_addr().unwrap(), 16).unwrap_err();
+        assert_eq!(err.raw_os_error(), Some(libc::EADDRINUSE));
+    }
+
+    #[test]
+    fn ipv6_listeners_accept_ipv6_peers() {
+        let Ok(listener) = listen("[::1]:0".parse().unwrap(), 16) else {
+            return; // no IPv6 loopback on this machine
+        };
+        let addr = local_addr(listener.as_fd()).unwrap();
+        let client = TcpStream::connect(addr).unwrap();
+        let (_conn, peer) = accept(listener.as_fd()).unwrap();
+        assert_eq!(peer, client.local_addr().unwrap());
+    }
+}

@@ -1,0 +1,221 @@
+//! File descriptors that a forked child must not keep.
+//!
+//! The serving process forks its workers while the dispatcher thread runs. A child gets a copy of
+//! every fd, but only the forking thread. Had it kept the listener, `close` could not free the
+//! port; had it kept an accepted client socket, that client would never see the connection close.
+//! So every fd the dispatcher owns is a [`ParentOnlyFd`]: its number is marked in a lock-free
+//! bitmap, and a `pthread_atfork` child handler closes every marked fd in the child.
+//!
+//! Marking must not race with `fork`: an fd created but not yet marked when the process forks
+//! would leak into the child. Creation and closing therefore happen inside a [`CreateSection`], and
+//! the prepare handler waits (briefly: the sections contain only non-blocking syscalls) until no
+//! section is open. Only atomics are shared, so the child never waits on anything the dispatcher
+//! thread held.
+
+use std::io;
+use std::os::fd::{AsFd, AsRawFd, BorrowedFd, IntoRawFd, OwnedFd, RawFd};
+use std::sync::atomic::{AtomicU64, AtomicUsize, Ordering::SeqCst};
+use std::sync::Once;
+
+/// Fds at or above this number cannot be marked; [`CreateSection::adopt`] refuses them.
+const MAX_FDS: usize = 1 << 20;
+const WORDS: usize = MAX_FDS / 64;
+
+#[allow(clippy::declare_interior_mutable_const)]
+const CLEAR: AtomicU64 = AtomicU64::new(0);
+static MARKED: [AtomicU64; WORDS] = [CLEAR; WORDS];
+/// One past the highest word ever marked, so the child scans only what was used.
+static USED_WORDS: AtomicUsize = AtomicUsize::new(0);
+/// Threads inside a [`CreateSection`].
+static CREATING: AtomicUsize = AtomicUsize::new(0);
+/// Forks between their prepare and parent handlers.
+static FORKING: AtomicUsize = AtomicUsize::new(0);
+/// Counts forks along this process's line: a child's differs from every ancestor's.
+static GENERATION: AtomicU64 = AtomicU64::new(0);
+
+static INSTALL: Once = Once::new();
+
+/// Registers the fork handlers, once per process. Must run before the first fd is adopted.
+pub fn install() -> io::Result<()> {
+    let mut result = 0;
+    INSTALL.call_once(|| {
+        // SAFETY: the three handlers are plain `extern "C"` functions that live as long as the
+        // library, which is never unloaded (the package provides no unload procedure).
+        result = unsafe { libc::pthread_atfork(Some(prepare), Some(parent), Some(child)) };
+    });
+    match result {
+        0 => Ok(()),
+        errno => Err(io::Error::from_raw_os_error(errno)),
+    }
+}
+
+extern "C" fn prepare() {
+    FORKING.fetch_add(1, SeqCst);
+    while CREATING.load(SeqCst) != 0 {
+        std::thread::yield_now();
+    }
+}
+
+extern "C" fn parent() {
+    FORKING.fetch_sub(1, SeqCst);
+}
+
+extern "C" fn child() {
+    // Only async-signal-safe work here: atomics and close(2).
+    let used = USED_WORDS.load(SeqCst).min(WORDS);
+    for (index, word) in MARKED[..used].iter().enumerate() {
+        let mut bits = word.swap(0, SeqCst);
+        while bits != 0 {
+            let bit = bits.trailing_zeros() as usize;
+            bits &= bits - 1;
+            // SAFETY: the fd was marked as owned by the parent's dispatcher; in the child nothing
+            // owns it (the dispatcher thread does not exist here), so closing it frees no one's fd.
+            unsafe { libc::close((index * 64 + bit) as RawFd) };
+        }
+    }
+    CREATING.store(0, SeqCst);
+    FORKING.store(0, SeqCst);
+    GENERATION.fetch_add(1, SeqCst);
+}
+
+/// Which process of a fork lineage this is: state created under one generation and found under
+/// another is a copy inherited by a forked child.
+pub fn generation() -> u64 {
+    GENERATION.load(SeqCst)
+}
+
+/// While alive, no fork can happen between creating an fd and marking it.
+pub struct CreateSection(());
+
+impl CreateSection {
+    pub fn enter() -> CreateSection {
+        loop {
+            CREATING.fetch_add(1, SeqCst);
+            if FORKING.load(SeqCst) == 0 {
+                return CreateSection(());
+            }
+            CREATING.fetch_sub(1, SeqCst);
+            while FORKING.load(SeqCst) != 0 {
+                std::thread::yield_now();
+            }
+        }
+    }
+
+    /// Takes ownership of `fd` as one that forked children close.
+    pub fn adopt(&self, fd: OwnedFd) -> io::Result<ParentOnlyFd> {
+        let raw = fd.as_raw_fd();
+        let Ok(index) = usize::try_from(raw) else {
+            return Err(io::Error::from_raw_os_error(libc::EBADF));
+        };
+        if index >= MAX_FDS {
+            return Err(io::Error::from_raw_os_error(libc::EMFILE));
+        }
+        MARKED[index / 64].fetch_or(1 << (index % 64), SeqCst);
+        USED_WORDS.fetch_max(index / 64 + 1, SeqCst);
+        Ok(ParentOnlyFd { fd: fd.into_raw_fd(), generation: generation() })
+    }
+}
+
+impl Drop for CreateSection {
+    fn drop(&mut self) {
+        CREATING.fetch_sub(1, SeqCst);
+    }
+}
+
+/// An owned fd that is closed in every child forked while it is open. A copy of it that lives on
+/// in such a child closes nothing when dropped: the fork handler has closed the fd already.
+#[derive(Debug)]
+pub struct ParentOnlyFd {
+    fd: RawFd,
+    generation: u64,
+}
+
+impl AsFd for ParentOnlyFd {
+    fn as_fd(&self) -> BorrowedFd<'_> {
+        // SAFETY: self.fd is open for as long as self lives in its own process (closed only in
+        // drop); in a forked child the state holding it is never used, only dropped.
+        unsafe { BorrowedFd::borrow_raw(self.fd) }
+    }
+}
+
+impl AsRawFd for ParentOnlyFd {
+    fn as_raw_fd(&self) -> RawFd {
+        self.fd
+    }
+}
+
+impl Drop for ParentOnlyFd {
+    fn drop(&mut self) {
+        if self.generation != generation() {
+            return;
+        }
+        // Unmark and close as one step for fork: a child must neither inherit the fd unmarked
+        // nor close a number that has been reused by then.
+        let _section = CreateSection::enter();
+        let index = self.fd as usize;
+        MARKED[index / 64].fetch_and(!(1 << (index % 64)), SeqCst);
+        // SAFETY: we own self.fd (from adopt) in this process and nobody else closes it.
+        unsafe { libc::close(self.fd) };
+    }
+}
+
+#[cfg(test)]
+pub(crate) fn is_marked(fd: RawFd) -> bool {
+    let index = fd as usize;
+    MARKED[index / 64].load(SeqCst) & (1 << (index % 64)) != 0
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use nix::sys::socket::{socketpair, AddressFamily, SockFlag, SockType};
+
+    fn pair() -> (OwnedFd, OwnedFd) {
+        socketpair(AddressFamily::Unix, SockType::SeqPacket, None, SockFlag::SOCK_CLOEXEC).unwrap()
+    }
+
+    fn is_open(fd: RawFd) -> bool {
+        // SAFETY: F_GETFD only queries the fd table.
+        unsafe { libc::fcntl(fd, libc::F_GETFD) != -1 }
+    }
+
+    #[test]
+    fn adopted_fds_are_marked_until_dropped() {
+        install().unwrap();
+        let (a, _b) = pair();
+        let section = CreateSection::enter();
+        let a = section.adopt(a).unwrap();
+        drop(section);
+        let raw = a.as_raw_fd();
+        assert!(is_marked(raw));
+        drop(a);
+        assert!(!is_marked(raw));
+        assert!(!is_open(raw));
+    }
+
+    #[test]
+    fn a_forked_child_closes_adopted_fds_and_keeps_others() {
+        install().unwrap();
+        let (parent_only, _peer) = pair();
+        let (kept, _kept_peer) = pair();
+        let section = CreateSection::enter();
+        let parent_only = section.adopt(parent_only).unwrap();
+        drop(section);
+        let (p, k) = (parent_only.as_raw_fd(), kept.as_raw_fd());
+        // SAFETY: the child only queries its fd table and exits with _exit.
+        match unsafe { libc::fork() } {
+            0 => unsafe {
+                let code = if !is_open(p) && is_open(k) { 0 } else { 1 };
+                libc::_exit(code)
+            },
+            pid => {
+                assert!(pid > 0);
+                let mut status = 0;
+                // SAFETY: waiting for our own child.
+                unsafe { libc::waitpid(pid, &mut status, 0) };
+                assert!(libc::WIFEXITED(status) && libc::WEXITSTATUS(status) == 0);
+                assert!(is_open(p), "the parent keeps its fd");
+            }
+        }
+    }
+}
