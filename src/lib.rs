@@ -1,7 +1,97 @@
-//! socketserver: share one TCP port among pre-forked Tcl worker processes.
+//! socketserver: share one TCP port among pre-forked Tcl worker processes by passing accepted
+//! sockets between them with SCM_RIGHTS.
+//!
+//! This file is the package's entry point and the only place that knows its Tcl names.
 #![warn(clippy::undocumented_unsafe_blocks)]
 
+mod args;
+mod commands;
 mod dispatcher;
 mod fdpass;
+mod ffi;
 mod fork_safety;
 mod worker;
+
+use clib::{ClientData, Tcl_Interp, Tcl_Obj};
+use commands::{InterpState, StateCell};
+use ffi::Obj;
+use std::cell::RefCell;
+use std::ffi::{c_int, CStr, CString};
+
+const PACKAGE: &CStr = c"socketserver";
+const SOCKET_COMMAND: &CStr = c"::socketserver::socket";
+const INFO_COMMAND: &CStr = c"::socketserver::info";
+/// The key of the per-interp state in the interp's assoc data.
+const STATE_KEY: &CStr = c"socketserver";
+
+/// Called by `load` (and so by `package require socketserver`).
+///
+/// # Safety
+/// Tcl calls it with a live interp, in that interp's thread.
+#[no_mangle]
+pub unsafe extern "C" fn Socketserver_Init(interp: *mut Tcl_Interp) -> c_int {
+    // SAFETY: interp is live (Tcl's contract for init procedures).
+    if unsafe { clib::Tcl_PkgRequireEx(interp, c"Tcl".as_ptr(), c"8.6".as_ptr(), 0, std::ptr::null_mut()) }
+        .is_null()
+    {
+        return ffi::TCL_ERROR;
+    }
+    if let Err(err) = fork_safety::install() {
+        let message = format!("couldn't install fork handlers: {err}");
+        // SAFETY: interp is live; Tcl takes its own reference to the result.
+        unsafe { clib::Tcl_SetObjResult(interp, Obj::string(&message).as_ptr()) };
+        return ffi::TCL_ERROR;
+    }
+    // SAFETY: interp is live; the state is created once per interp and owned by its assoc data,
+    // which Tcl deletes after the interp's commands, so the commands never see it freed.
+    unsafe {
+        let mut state = clib::Tcl_GetAssocData(interp, STATE_KEY.as_ptr(), std::ptr::null_mut());
+        if state.is_null() {
+            state = Box::into_raw(Box::new(RefCell::new(InterpState::new(interp)))) as ClientData;
+            clib::Tcl_SetAssocData(interp, STATE_KEY.as_ptr(), Some(delete_state), state);
+        }
+        ffi::create_command(interp, SOCKET_COMMAND, Some(socket_proc), state);
+        ffi::create_command(interp, INFO_COMMAND, Some(info_proc), state);
+        let version = CString::new(env!("CARGO_PKG_VERSION")).expect("no NUL in a version");
+        clib::Tcl_PkgProvideEx(interp, PACKAGE.as_ptr(), version.as_ptr(), std::ptr::null_mut())
+    }
+}
+
+unsafe extern "C" fn delete_state(state: ClientData, _interp: *mut Tcl_Interp) {
+    // SAFETY: state came from Box::into_raw in Socketserver_Init and Tcl calls this once.
+    let state = unsafe { Box::from_raw(state as *mut StateCell) };
+    ffi::guard_callback(move || drop(state));
+}
+
+/// # Safety
+/// Called by Tcl with the state pointer registered in Socketserver_Init.
+unsafe extern "C" fn socket_proc(
+    state: ClientData,
+    interp: *mut Tcl_Interp,
+    objc: c_int,
+    objv: *const *mut Tcl_Obj,
+) -> c_int {
+    // SAFETY: state is the interp's live StateCell (see Socketserver_Init).
+    let cell = unsafe { &*(state as *const StateCell) };
+    ffi::trampoline(interp, objc, objv, || {
+        let objs = ffi::objects(objc, objv);
+        let words: Vec<String> = objs.iter().map(Obj::to_string_lossy).collect();
+        commands::socket_command(cell, &objs, &words)
+    })
+}
+
+/// # Safety
+/// Called by Tcl with the state pointer registered in Socketserver_Init.
+unsafe extern "C" fn info_proc(
+    state: ClientData,
+    interp: *mut Tcl_Interp,
+    objc: c_int,
+    objv: *const *mut Tcl_Obj,
+) -> c_int {
+    // SAFETY: state is the interp's live StateCell (see Socketserver_Init).
+    let cell = unsafe { &*(state as *const StateCell) };
+    ffi::trampoline(interp, objc, objv, || {
+        let words: Vec<String> = ffi::objects(objc, objv).iter().map(Obj::to_string_lossy).collect();
+        commands::info_command(cell, &words)
+    })
+}
