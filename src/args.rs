@@ -85,12 +85,11 @@ pub fn parse_server(args: &[&str]) -> CmdResult<ServerArgs> {
     const OPTIONS: [&str; 3] = ["-myaddr", "-backlog", "-queue"];
     let wrong = CmdError::WrongArgs { words: 2, usage: SERVER_USAGE };
     let Some((port, options)) = args.split_last() else { return Err(wrong) };
+    if OPTIONS.contains(port) {
+        return Err(CmdError::new(format!("value for \"{port}\" missing"), &["TCL", "ARGUMENT", "MISSING"]));
+    }
     if options.len() % 2 == 1 {
-        // An odd word out: a known option whose value is missing, or a stray word.
-        return Err(match OPTIONS.contains(port) {
-            true => CmdError::new(format!("value for \"{port}\" missing"), &["TCL", "ARGUMENT", "MISSING"]),
-            false => wrong,
-        });
+        return Err(wrong);
     }
     let (mut host, mut backlog, mut queue) = (None, DEFAULT_BACKLOG, 0);
     for pair in options.chunks_exact(2) {
