@@ -9,6 +9,7 @@
 use crate::args::{self, CmdError, CmdResult};
 use crate::dispatcher::Server;
 use crate::ffi::{self, Obj};
+use crate::process;
 use crate::worker::WorkerLink;
 use clib::{ClientData, Tcl_Interp};
 use std::cell::RefCell;
@@ -22,6 +23,8 @@ pub struct InterpState {
     /// In creation order: the first is the default port.
     servers: Vec<(u16, Server)>,
     slots: HashMap<u16, Slot>,
+    /// Scripts for trapped signals; the self-pipe is watched while any is set.
+    traps: HashMap<i32, Obj>,
 }
 
 pub type StateCell = RefCell<InterpState>;
@@ -43,7 +46,7 @@ struct HandlerTarget {
 
 impl InterpState {
     pub fn new(interp: *mut Tcl_Interp) -> InterpState {
-        InterpState { interp, servers: Vec::new(), slots: HashMap::new() }
+        InterpState { interp, servers: Vec::new(), slots: HashMap::new(), traps: HashMap::new() }
     }
 
     fn server(&self, port: u16) -> Option<&Server> {
@@ -83,6 +86,14 @@ impl Drop for InterpState {
     fn drop(&mut self) {
         for slot in self.slots.values_mut() {
             disarm(slot);
+        }
+        if !self.traps.is_empty() {
+            for &signal in self.traps.keys() {
+                let _ = process::set_trap(signal, false);
+            }
+            if let Ok(pipe) = process::trap_pipe() {
+                ffi::delete_file_handler(pipe);
+            }
         }
     }
 }
@@ -213,7 +224,15 @@ pub fn info_command(cell: &StateCell, words: &[String]) -> CmdResult<Obj> {
             ("delivered", Obj::int(snap.delivered as i64)),
             ("queued", Obj::int(snap.queued.into())),
             ("ready", Obj::int(snap.ready.into())),
-            ("workers", Obj::list(snap.workers.iter().map(|&pid| Obj::int(pid.into())))),
+            ("workers", Obj::list(snap.workers.iter().map(|w| Obj::int(w.pid.into())))),
+            ("status", Obj::list(snap.workers.iter().flat_map(|w| {
+                let status = [
+                    Obj::string("state"), Obj::string(w.state.name()),
+                    Obj::string("delivered"), Obj::int(w.delivered as i64),
+                    Obj::string("busy_ms"), Obj::int(w.busy_ms as i64),
+                ];
+                [Obj::int(w.pid.into()), Obj::list(status)]
+            }))),
         ]);
     }
     Ok(Obj::list(dict.into_iter().flat_map(|(k, v)| [Obj::string(k), v])))
@@ -260,4 +279,107 @@ fn deliver(cell: &StateCell, port: u16) {
         ];
         ffi::call_in_background(interp, &handler, &args);
     }
+}
+
+/// `::socketserver::fork`
+pub fn fork_command(words: &[String]) -> CmdResult<Obj> {
+    if words.len() != 1 {
+        return Err(CmdError::WrongArgs { words: 1, usage: "" });
+    }
+    Ok(Obj::int(process::fork()?.into()))
+}
+
+/// `::socketserver::wait ?-nohang? ?pid?`
+pub fn wait_command(words: &[String]) -> CmdResult<Obj> {
+    let wrong = CmdError::WrongArgs { words: 1, usage: "?-nohang? ?pid?" };
+    let (nohang, rest) = match words.get(1).map(String::as_str) {
+        Some("-nohang") => (true, &words[2..]),
+        _ => (false, &words[1..]),
+    };
+    let pid = match rest {
+        [] => None,
+        [pid] => Some(parse_pid(pid)?),
+        _ => return Err(wrong),
+    };
+    Ok(match process::wait(pid, nohang)? {
+        Some(ended) => Obj::list([Obj::int(ended.pid.into()), Obj::string(ended.how), Obj::string(&ended.detail)]),
+        None => Obj::string(""),
+    })
+}
+
+fn parse_pid(word: &str) -> CmdResult<i32> {
+    match word.parse::<i32>() {
+        Ok(pid) if pid > 0 => Ok(pid),
+        _ => Err(CmdError::new(format!("expected process id but got \"{word}\""), &["TCL", "VALUE", "PID"])),
+    }
+}
+
+/// `::socketserver::kill ?signal? pid`
+pub fn kill_command(words: &[String]) -> CmdResult<Obj> {
+    let (signal, pid) = match &words[1..] {
+        [pid] => (libc::SIGTERM, pid),
+        [signal, pid] => (process::parse_signal(signal)?, pid),
+        _ => return Err(CmdError::WrongArgs { words: 1, usage: "?signal? pid" }),
+    };
+    process::kill(parse_pid(pid)?, signal)?;
+    Ok(Obj::string(""))
+}
+
+/// `::socketserver::trap signal ?script?` — with an empty script, the default action again.
+pub fn trap_command(cell: &StateCell, objv: &[Obj], words: &[String]) -> CmdResult<Obj> {
+    let (signal, script) = match objv.len() {
+        2 => (process::parse_signal(&words[1])?, None),
+        3 => (process::parse_signal(&words[1])?, Some(objv[2].clone())),
+        _ => return Err(CmdError::WrongArgs { words: 1, usage: "signal ?script?" }),
+    };
+    let mut state = cell.borrow_mut();
+    let Some(script) = script else {
+        return Ok(state.traps.get(&signal).cloned().unwrap_or_else(|| Obj::string("")));
+    };
+    let pipe = process::trap_pipe()?;
+    let watching = !state.traps.is_empty();
+    if script.to_string_lossy().is_empty() {
+        process::set_trap(signal, false)?;
+        state.traps.remove(&signal);
+        if watching && state.traps.is_empty() {
+            ffi::delete_file_handler(pipe);
+        }
+    } else {
+        process::set_trap(signal, true)?;
+        state.traps.insert(signal, script);
+        if !watching {
+            // SAFETY: the state outlives the handler: dropping it deletes the handler first.
+            unsafe { ffi::create_file_handler(pipe, on_signal_pipe, cell as *const StateCell as ClientData) };
+        }
+    }
+    Ok(Obj::string(""))
+}
+
+unsafe extern "C" fn on_signal_pipe(data: ClientData, _mask: c_int) {
+    // SAFETY: data is the interp's StateCell, which outlives this handler.
+    let cell = unsafe { &*(data as *const StateCell) };
+    ffi::guard_callback(|| {
+        let Ok(pipe) = process::trap_pipe() else { return };
+        for signal in process::drain_signals(pipe) {
+            let (interp, script) = {
+                let state = cell.borrow();
+                (state.interp, state.traps.get(&signal).cloned())
+            };
+            if let Some(script) = script {
+                if !ffi::interp_deleted(interp) {
+                    ffi::call_in_background(interp, &script, &[]);
+                }
+            }
+        }
+    });
+}
+
+/// `::socketserver::onclose channel script`
+pub fn onclose_command(cell: &StateCell, objv: &[Obj], words: &[String]) -> CmdResult<Obj> {
+    if objv.len() != 3 {
+        return Err(CmdError::WrongArgs { words: 1, usage: "channel script" });
+    }
+    let interp = cell.borrow().interp;
+    ffi::run_when_closed(interp, &words[1], objv[2].clone())?;
+    Ok(Obj::string(""))
 }

@@ -32,37 +32,82 @@ pub struct Snapshot {
     pub delivered: u64,
     pub queued: u32,
     pub ready: u32,
-    pub workers: Vec<i32>,
+    pub workers: Vec<WorkerStatus>,
 }
+
+/// One registered worker as the dispatcher sees it.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct WorkerStatus {
+    pub pid: i32,
+    pub state: WorkerState,
+    /// Connections it has acknowledged.
+    pub delivered: u64,
+    /// Milliseconds since its current connection was handed over (0 unless busy).
+    pub busy_ms: u64,
+}
+
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum WorkerState {
+    /// Registered, has not asked for a connection yet.
+    Idle = 0,
+    /// Waiting for a connection.
+    Ready = 1,
+    /// Has been handed a connection and not asked for the next.
+    Busy = 2,
+}
+
+impl WorkerState {
+    pub fn name(self) -> &'static str {
+        match self {
+            WorkerState::Idle => "idle",
+            WorkerState::Ready => "ready",
+            WorkerState::Busy => "busy",
+        }
+    }
+}
+
+const HEADER_LEN: usize = 24;
+const WORKER_LEN: usize = 24;
 
 impl Snapshot {
     fn encode(&self) -> Vec<u8> {
-        let mut out = Vec::with_capacity(24 + 4 * self.workers.len());
+        let mut out = Vec::with_capacity(HEADER_LEN + WORKER_LEN * self.workers.len());
         out.extend_from_slice(&self.accepted.to_le_bytes());
         out.extend_from_slice(&self.delivered.to_le_bytes());
         out.extend_from_slice(&self.queued.to_le_bytes());
         out.extend_from_slice(&self.ready.to_le_bytes());
-        for pid in &self.workers {
-            out.extend_from_slice(&pid.to_le_bytes());
+        for w in &self.workers {
+            out.extend_from_slice(&w.pid.to_le_bytes());
+            out.extend_from_slice(&(w.state as u32).to_le_bytes());
+            out.extend_from_slice(&w.delivered.to_le_bytes());
+            out.extend_from_slice(&w.busy_ms.to_le_bytes());
         }
         out
     }
 
     fn decode(bytes: &[u8]) -> Option<Snapshot> {
-        if bytes.len() < 24 || (bytes.len() - 24) % 4 != 0 {
+        if bytes.len() < HEADER_LEN || (bytes.len() - HEADER_LEN) % WORKER_LEN != 0 {
             return None;
         }
-        let u64_at = |i: usize| u64::from_le_bytes(bytes[i..i + 8].try_into().unwrap());
-        let u32_at = |i: usize| u32::from_le_bytes(bytes[i..i + 4].try_into().unwrap());
+        let u64_at = |b: &[u8], i: usize| u64::from_le_bytes(b[i..i + 8].try_into().unwrap());
+        let u32_at = |b: &[u8], i: usize| u32::from_le_bytes(b[i..i + 4].try_into().unwrap());
+        let workers = bytes[HEADER_LEN..]
+            .chunks_exact(WORKER_LEN)
+            .map(|w| {
+                let state = match u32_at(w, 4) {
+                    0 => WorkerState::Idle,
+                    1 => WorkerState::Ready,
+                    _ => WorkerState::Busy,
+                };
+                WorkerStatus { pid: u32_at(w, 0) as i32, state, delivered: u64_at(w, 8), busy_ms: u64_at(w, 16) }
+            })
+            .collect();
         Some(Snapshot {
-            accepted: u64_at(0),
-            delivered: u64_at(8),
-            queued: u32_at(16),
-            ready: u32_at(20),
-            workers: bytes[24..]
-                .chunks_exact(4)
-                .map(|c| i32::from_le_bytes(c.try_into().unwrap()))
-                .collect(),
+            accepted: u64_at(bytes, 0),
+            delivered: u64_at(bytes, 8),
+            queued: u32_at(bytes, 16),
+            ready: u32_at(bytes, 20),
+            workers,
         })
     }
 }
@@ -178,8 +223,23 @@ struct Worker {
     sock: ParentOnlyFd,
     pid: i32,
     ready: bool,
+    delivered: u64,
+    /// When its current connection was handed over; None before the first or once ready again.
+    busy_since: Option<Instant>,
     /// Sent to the worker, not yet acknowledged: ours to send elsewhere if the worker dies.
     in_flight: Option<Connection>,
+}
+
+impl Worker {
+    fn status(&self) -> WorkerStatus {
+        let state = match (self.ready, self.busy_since) {
+            (true, _) => WorkerState::Ready,
+            (false, Some(_)) => WorkerState::Busy,
+            (false, None) => WorkerState::Idle,
+        };
+        let busy_ms = self.busy_since.map_or(0, |t| t.elapsed().as_millis() as u64);
+        WorkerStatus { pid: self.pid, state, delivered: self.delivered, busy_ms }
+    }
 }
 
 struct Dispatcher {
@@ -330,7 +390,7 @@ impl Dispatcher {
             delivered: self.delivered,
             queued: self.waiting.len() as u32,
             ready: self.ready.len() as u32,
-            workers: self.workers.iter().flatten().map(|w| w.pid).collect(),
+            workers: self.workers.iter().flatten().map(Worker::status).collect(),
         }
     }
 
@@ -348,7 +408,7 @@ impl Dispatcher {
             let (Some(pid), Ok(sock)) = (fdpass::decode_registration(&buf[..len]), fd) else {
                 continue;
             };
-            let worker = Some(Worker { sock, pid, ready: false, in_flight: None });
+            let worker = Some(Worker { sock, pid, ready: false, delivered: 0, busy_since: None, in_flight: None });
             match self.workers.iter().position(Option::is_none) {
                 Some(free) => self.workers[free] = worker,
                 None => self.workers.push(worker),
@@ -364,11 +424,13 @@ impl Dispatcher {
                 Ok(Received::Message(1, None)) if buf[0] == READY => {
                     if !worker.ready {
                         worker.ready = true;
+                        worker.busy_since = None;
                         self.ready.push_back(slot);
                     }
                 }
                 Ok(Received::Message(1, None)) if buf[0] == ACK => {
                     if worker.in_flight.take().is_some() {
+                        worker.delivered += 1;
                         self.delivered += 1;
                     }
                 }
@@ -401,7 +463,10 @@ impl Dispatcher {
             let mut payload = [0u8; MAX_MESSAGE];
             let len = fdpass::encode_peer(&conn.peer, &mut payload);
             match fdpass::send_with_fd(worker.sock.as_fd(), &payload[..len], conn.fd.as_fd()) {
-                Ok(()) => worker.in_flight = Some(conn),
+                Ok(()) => {
+                    worker.in_flight = Some(conn);
+                    worker.busy_since = Some(Instant::now());
+                }
                 Err(_) => {
                     // The worker has gone (or cannot take it): keep the connection for the next.
                     self.waiting.push_front(conn);
@@ -471,7 +536,9 @@ mod tests {
 
     #[test]
     fn snapshots_round_trip() {
-        let snap = Snapshot { accepted: 7, delivered: 5, queued: 1, ready: 2, workers: vec![3, 9] };
+        let busy = WorkerStatus { pid: 3, state: WorkerState::Busy, delivered: 4, busy_ms: 12 };
+        let ready = WorkerStatus { pid: 9, state: WorkerState::Ready, delivered: 1, busy_ms: 0 };
+        let snap = Snapshot { accepted: 7, delivered: 5, queued: 1, ready: 2, workers: vec![busy, ready] };
         assert_eq!(Snapshot::decode(&snap.encode()), Some(snap));
         assert_eq!(Snapshot::decode(&[0; 23]), None);
     }
@@ -493,7 +560,11 @@ mod tests {
         assert_eq!(reply, "pong", "closing the worker's copy closes the connection");
         let snap = wait_for(&server, "delivery", |s| s.delivered == 1);
         assert_eq!((snap.accepted, snap.queued, snap.ready), (1, 0, 0));
-        assert_eq!(snap.workers, vec![std::process::id() as i32]);
+        let me = WorkerStatus { pid: std::process::id() as i32, state: WorkerState::Busy, delivered: 1, busy_ms: snap.workers[0].busy_ms };
+        assert_eq!(snap.workers, vec![me]);
+        link.arm().unwrap();
+        let snap = wait_for(&server, "ready again", |s| s.ready == 1);
+        assert_eq!(snap.workers[0].state, WorkerState::Ready);
     }
 
     #[test]

@@ -231,3 +231,66 @@ pub fn guard_callback<F: FnOnce()>(body: F) {
     // There is no caller to report to; a panic here is a bug, and stopping it is all we can do.
     let _ = catch_unwind(AssertUnwindSafe(body));
 }
+
+/// What a channel's close handler carries: the script to queue and the interp to run it in.
+struct CloseScript {
+    interp: *mut Tcl_Interp,
+    script: Obj,
+}
+
+/// A queued Tcl event; Tcl requires the Tcl_Event header first and frees it with Tcl_Free.
+#[repr(C)]
+struct ScriptEvent {
+    header: clib::Tcl_Event,
+    payload: *mut CloseScript,
+}
+
+/// Evaluates `script` (errors to the background handler) from the event loop once the channel
+/// named `name` has closed. It runs as a queued event, not inside the close itself.
+pub fn run_when_closed(interp: *mut Tcl_Interp, name: &str, script: Obj) -> Result<(), CmdError> {
+    let cname = CString::new(name).unwrap_or_default();
+    // SAFETY: interp is live during its command; a null mode pointer is allowed.
+    let chan = unsafe { clib::Tcl_GetChannel(interp, cname.as_ptr(), std::ptr::null_mut()) };
+    if chan.is_null() {
+        return Err(CmdError::new(format!("can not find channel named \"{name}\""), &["TCL", "LOOKUP", "CHANNEL", name]));
+    }
+    let payload = Box::into_raw(Box::new(CloseScript { interp, script }));
+    // SAFETY: the interp is preserved until the event has run; the payload is freed by the
+    // event (or leaked if the channel never closes, which costs one small allocation).
+    unsafe {
+        clib::Tcl_Preserve(interp as ClientData);
+        clib::Tcl_CreateCloseHandler(chan, Some(queue_close_script), payload as ClientData);
+    }
+    Ok(())
+}
+
+unsafe extern "C" fn queue_close_script(data: ClientData) {
+    let size = std::mem::size_of::<ScriptEvent>() as u32;
+    // SAFETY: Tcl_Alloc returns memory suitably aligned for any type (or panics Tcl on failure);
+    // we initialise every field before queueing, and Tcl frees it after the event proc returns 1.
+    unsafe {
+        let event = clib::Tcl_Alloc(size) as *mut ScriptEvent;
+        event.write(ScriptEvent {
+            header: clib::Tcl_Event { proc_: Some(run_close_script), nextPtr: std::ptr::null_mut() },
+            payload: data as *mut CloseScript,
+        });
+        clib::Tcl_QueueEvent(event.cast(), clib::Tcl_QueuePosition_TCL_QUEUE_TAIL);
+    }
+}
+
+unsafe extern "C" fn run_close_script(event: *mut clib::Tcl_Event, flags: c_int) -> c_int {
+    if flags & clib::TCL_FILE_EVENTS as c_int == 0 {
+        return 0; // not now: a file event, and this round is not servicing those
+    }
+    // SAFETY: event is our ScriptEvent (queued above); its payload is the Box from
+    // run_when_closed, taken back exactly once here.
+    let payload = unsafe { Box::from_raw((*(event as *mut ScriptEvent)).payload) };
+    guard_callback(|| {
+        if !interp_deleted(payload.interp) {
+            call_in_background(payload.interp, &payload.script, &[]);
+        }
+    });
+    // SAFETY: balances the Tcl_Preserve in run_when_closed.
+    unsafe { clib::Tcl_Release(payload.interp as ClientData) };
+    1
+}

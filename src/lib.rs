@@ -10,6 +10,7 @@ mod dispatcher;
 mod fdpass;
 mod ffi;
 mod fork_safety;
+mod process;
 mod worker;
 
 use clib::{ClientData, Tcl_Interp, Tcl_Obj};
@@ -21,6 +22,11 @@ use std::ffi::{c_int, CStr, CString};
 const PACKAGE: &CStr = c"socketserver";
 const SOCKET_COMMAND: &CStr = c"::socketserver::socket";
 const INFO_COMMAND: &CStr = c"::socketserver::info";
+const FORK_COMMAND: &CStr = c"::socketserver::fork";
+const WAIT_COMMAND: &CStr = c"::socketserver::wait";
+const KILL_COMMAND: &CStr = c"::socketserver::kill";
+const TRAP_COMMAND: &CStr = c"::socketserver::trap";
+const ONCLOSE_COMMAND: &CStr = c"::socketserver::onclose";
 /// The key of the per-interp state in the interp's assoc data.
 const STATE_KEY: &CStr = c"socketserver";
 
@@ -52,6 +58,11 @@ pub unsafe extern "C" fn Socketserver_Init(interp: *mut Tcl_Interp) -> c_int {
         }
         ffi::create_command(interp, SOCKET_COMMAND, Some(socket_proc), state);
         ffi::create_command(interp, INFO_COMMAND, Some(info_proc), state);
+        ffi::create_command(interp, FORK_COMMAND, Some(fork_proc), state);
+        ffi::create_command(interp, WAIT_COMMAND, Some(wait_proc), state);
+        ffi::create_command(interp, KILL_COMMAND, Some(kill_proc), state);
+        ffi::create_command(interp, TRAP_COMMAND, Some(trap_proc), state);
+        ffi::create_command(interp, ONCLOSE_COMMAND, Some(onclose_proc), state);
         let version = CString::new(env!("CARGO_PKG_VERSION")).expect("no NUL in a version");
         clib::Tcl_PkgProvideEx(interp, PACKAGE.as_ptr(), version.as_ptr(), std::ptr::null_mut())
     }
@@ -63,35 +74,37 @@ unsafe extern "C" fn delete_state(state: ClientData, _interp: *mut Tcl_Interp) {
     ffi::guard_callback(move || drop(state));
 }
 
+/// The signature of every command body: the interp's state, the words as objects and strings.
+type Body = fn(&StateCell, &[Obj], &[String]) -> Result<Obj, args::CmdError>;
+
+/// Runs `body` for a command called by Tcl with the state pointer registered above.
+///
 /// # Safety
-/// Called by Tcl with the state pointer registered in Socketserver_Init.
-unsafe extern "C" fn socket_proc(
-    state: ClientData,
-    interp: *mut Tcl_Interp,
-    objc: c_int,
-    objv: *const *mut Tcl_Obj,
-) -> c_int {
+/// `state` must be the interp's live StateCell and objv must hold objc live objects.
+unsafe fn run(body: Body, state: ClientData, interp: *mut Tcl_Interp, objc: c_int, objv: *const *mut Tcl_Obj) -> c_int {
     // SAFETY: state is the interp's live StateCell (see Socketserver_Init).
     let cell = unsafe { &*(state as *const StateCell) };
     ffi::trampoline(interp, objc, objv, || {
         let objs = ffi::objects(objc, objv);
         let words: Vec<String> = objs.iter().map(Obj::to_string_lossy).collect();
-        commands::socket_command(cell, &objs, &words)
+        body(cell, &objs, &words)
     })
 }
 
-/// # Safety
-/// Called by Tcl with the state pointer registered in Socketserver_Init.
-unsafe extern "C" fn info_proc(
-    state: ClientData,
-    interp: *mut Tcl_Interp,
-    objc: c_int,
-    objv: *const *mut Tcl_Obj,
-) -> c_int {
-    // SAFETY: state is the interp's live StateCell (see Socketserver_Init).
-    let cell = unsafe { &*(state as *const StateCell) };
-    ffi::trampoline(interp, objc, objv, || {
-        let words: Vec<String> = ffi::objects(objc, objv).iter().map(Obj::to_string_lossy).collect();
-        commands::info_command(cell, &words)
-    })
+/// Declares the `extern "C"` command procedure that Tcl calls for one command body.
+macro_rules! command_proc {
+    ($name:ident, $body:expr) => {
+        unsafe extern "C" fn $name(state: ClientData, interp: *mut Tcl_Interp, objc: c_int, objv: *const *mut Tcl_Obj) -> c_int {
+            // SAFETY: Tcl calls us with the state registered for this command and live objv.
+            unsafe { run($body, state, interp, objc, objv) }
+        }
+    };
 }
+
+command_proc!(socket_proc, commands::socket_command);
+command_proc!(info_proc, |cell, _, words| commands::info_command(cell, words));
+command_proc!(fork_proc, |_, _, words| commands::fork_command(words));
+command_proc!(wait_proc, |_, _, words| commands::wait_command(words));
+command_proc!(kill_proc, |_, _, words| commands::kill_command(words));
+command_proc!(trap_proc, commands::trap_command);
+command_proc!(onclose_proc, commands::onclose_command);
