@@ -45,6 +45,8 @@ proc ::socketserver::pool::create {args} {
         variable stopping 0
         variable stopped 0
         variable tick {}
+        # A pipe whose write end only the monitor keeps: workers see EOF when it is gone.
+        variable lifeline [chan pipe]
     }
     set ${name}::config $config
     set ${name}::handler $handler
@@ -200,8 +202,9 @@ proc ::socketserver::pool::Refill {name} {
 proc ::socketserver::pool::Spawn {name} {
     set pid [::socketserver::fork]
     if {$pid == 0} {
-        # The worker. It never returns into the monitor's code: WorkerMain ends in exit.
-        WorkerMain $name
+        # The worker. It must never return into the monitor's code, whatever happens.
+        catch {WorkerMain $name}
+        exit 1
     }
     dict set ${name}::workers $pid [dict create started [clock milliseconds] role new]
     return $pid
@@ -304,6 +307,9 @@ proc ::socketserver::pool::Stop {name grace} {
             ::socketserver::trap $signal {}
         }
     }
+    foreach chan [set ${name}::lifeline] {
+        catch {close $chan}
+    }
     Log $name "stopped"
     set ${name}::stopped 1
 }
@@ -401,10 +407,25 @@ proc ::socketserver::pool::Stats {name} {
 
 proc ::socketserver::pool::WorkerMain {name} {
     variable worker
-    # What the monitor had scheduled or trapped is not the worker's business.
+    # What the monitor had scheduled, trapped or opened is not the worker's business: its timers
+    # and file events would run here too, and read what the monitor should.
     foreach id [after info] {
         after cancel $id
     }
+    set lifeline [set ${name}::lifeline]
+    foreach chan [chan names] {
+        if {$chan ni [list stdin stdout stderr [lindex $lifeline 0]]} {
+            catch {chan event $chan readable {}}
+            catch {chan event $chan writable {}}
+            catch {chan configure $chan -blocking 0}
+            catch {close $chan}
+        }
+    }
+    # Only the monitor holds the lifeline's write end now: if the monitor dies, retire.
+    chan event [lindex $lifeline 0] readable [list apply {{chan} {
+        chan event $chan readable {}
+        ::socketserver::pool::WorkerRetire
+    }} [lindex $lifeline 0]]
     ::socketserver::trap CHLD {}
     ::socketserver::trap HUP {}
     ::socketserver::trap INT {#} ;# Ctrl-C reaches the whole process group: the monitor decides

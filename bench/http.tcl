@@ -1,0 +1,88 @@
+# bench/http.tcl -- the one HTTP/1.0 answer every Tcl benchmark server gives.
+#
+# Sourced by plain_server.tcl and ss_server.tcl, so both do exactly the same
+# work per connection:
+#   ::bench::accept chan ip port    the connection handler (socket -server or
+#                                   ::socketserver::socket client)
+# It reads the request line and the headers to the blank line, fileevent-driven
+# and non-blocking, answers "200 OK" with Content-Length and Connection: close,
+# and closes.  A request for /slow first blocks the whole process for 5 ms
+# (`after 5`), as a synchronous Tcl handler would (the slow-mix scenario).
+# When a connection is finished, ::bench::done (a command prefix, empty by
+# default) runs: the socketserver worker re-arms there.
+
+namespace eval ::bench {
+    variable response "HTTP/1.0 200 OK\r\nContent-Type: text/plain\r\nContent-Length: 3\r\nConnection: close\r\n\r\nok\n"
+    variable done {}
+    variable path               ;# array: chan -> request path, once the request line is read
+    variable lines              ;# array: chan -> header lines read so far
+    array set path {}
+    array set lines {}
+}
+
+proc ::bench::accept {chan ip port} {
+    fconfigure $chan -blocking 0 -buffering full -translation {auto binary} -encoding iso8859-1
+    fileevent $chan readable [list ::bench::readable $chan]
+}
+
+proc ::bench::readable {chan} {
+    variable path
+    variable lines
+    # Bounded: each gets consumes a line of what one read brought in, and a
+    # request may have at most 100 header lines.
+    while {[gets $chan line] >= 0} {
+        if {![info exists path($chan)]} {
+            set path($chan) [lindex [split $line " "] 1]
+            set lines($chan) 0
+        } elseif {$line eq ""} {
+            answer $chan
+            return
+        } elseif {[incr lines($chan)] > 100} {
+            break                   ;# not a request we serve: drop it
+        }
+    }
+    if {[eof $chan] || ([info exists lines($chan)] && $lines($chan) > 100)} {
+        # The client went away before the blank line, or sent too much.
+        unset -nocomplain path($chan) lines($chan)
+        catch {close $chan}
+        finished
+    }
+}
+
+proc ::bench::answer {chan} {
+    variable path
+    variable response
+    if {$path($chan) eq "/slow"} {
+        after 5
+    }
+    unset path($chan) lines($chan)
+    fileevent $chan readable {}
+    catch {
+        fconfigure $chan -blocking 1
+        puts -nonewline $chan $response
+        flush $chan
+    }
+    catch {close $chan}
+    finished
+}
+
+proc ::bench::finished {} {
+    variable done
+    if {[llength $done]} {
+        {*}$done
+    }
+}
+
+# A bounded wait for stdin's end: when the driver goes away (or closes our
+# stdin), the server stops.  STOP is a command prefix.
+proc ::bench::watch_stdin {stop} {
+    fconfigure stdin -blocking 0
+    fileevent stdin readable [list ::bench::stdin_readable $stop]
+}
+
+proc ::bench::stdin_readable {stop} {
+    if {[catch {read stdin 4096}] || [eof stdin]} {
+        fileevent stdin readable {}
+        {*}$stop
+    }
+}

@@ -1,0 +1,23 @@
+# bench/plain_server.tcl -- the "plain" configuration: one Tcl process with
+# Tcl's own `socket -server`, what Tcl users run today.
+#
+#   tclsh bench/plain_server.tcl ?PORT?
+#
+# Listens on 127.0.0.1:PORT (default 0: a port the kernel chooses) and prints
+# one line, "port PORT pid PID workers {}", then serves until its stdin ends,
+# or until SIGTERM (default action).  The answer is bench/http.tcl's.
+
+source [file join [file dirname [file normalize [info script]]] http.tcl]
+
+proc main {argv} {
+    set port [expr {[llength $argv] ? [lindex $argv 0] : 0}]
+    set listener [socket -server ::bench::accept -myaddr 127.0.0.1 $port]
+    set port [lindex [fconfigure $listener -sockname] 2]
+    puts "port $port pid [pid] workers {}"
+    flush stdout
+    ::bench::watch_stdin [list set ::forever 1]
+    vwait ::forever
+    close $listener
+}
+
+main $argv

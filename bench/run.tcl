@@ -1,0 +1,848 @@
+# bench/run.tcl -- the driver of `make bench` (issue 3).
+#
+#   TCLLIBPATH=/path/to/build tclsh bench/run.tcl ?-quick? ?-runs N?
+#
+# Needs: the built package (make all), the `limit` example
+# (cargo build --release --example limit), Tclx, ab and wrk.
+#
+# Configurations: plain (one Tcl process, socket -server), socketserver with
+# N = 1, 2, 4, 8 forked workers (ss1 ... ss8), and limit (bare Rust, one
+# process per core).  Each run starts every configuration in turn (the order
+# rotates from run to run), runs the scenarios against it and stops it, so the
+# configurations are interleaved; at least 3 runs.
+#
+# Scenarios, all on 127.0.0.1, each client bounded in time:
+#   herd  ab -n HERD -c 1: sequential connections to idle workers -> wake-ups
+#         per connection (socketserver's own counters) and CPU per 1000
+#         connections (c=1)
+#   ab    ab -n N -c 32 (a connection per request) -> req/s, p50, p99, max,
+#         and CPU per 1000 connections (c=32)
+#   wrk   wrk -d D -c 32 -H 'Connection: close' -> req/s, p50, p99, max
+#   slow  wrk as above with bench/slowmix.lua: one request in ten is /slow,
+#         which blocks its process for 5 ms -> req/s, p50, p99, max
+# CPU is the run time of every thread of the server's processes (serving
+# process and workers) over the scenario: sum_exec_runtime from
+# /proc/PID/task/TID/schedstat, in ns -- the quantity that utime+stime of
+# /proc/PID/stat report in clock ticks, which are too coarse for ~10 ms per
+# worker; the tick-based figure is kept in the CSV as cpu_all_stat, and used
+# when the kernel has no schedstat.
+#
+# Prints the machine, a markdown table of medians (min-max), the targets of
+# issue 3 as ratios with PASS/MISS, and writes bench/results/*.csv.
+# Every process it starts is stopped by pid and reaped, also on error.
+
+package require Tcl 8.6
+package require Tclx
+
+namespace eval ::bench {
+    variable here [file dirname [file normalize [info script]]]
+    variable root [file dirname $here]
+    variable servers {}         ;# live server records (dicts), for cleanup
+    variable clients {}         ;# live client pipes, for cleanup
+    variable seq 0
+    variable rows {}            ;# raw measurements: {run config scenario metric value}
+    variable vals               ;# (config,scenario,metric) -> list of values
+    array set vals {}
+    variable errors {}
+    variable usens [file readable /proc/[pid]/task/[pid]/schedstat]
+                                ;# 1: per-thread schedstat (ns) is available
+    variable clktck 100
+}
+
+# ---------------------------------------------------------------- helpers
+
+proc ::bench::say {msg} {
+    puts $msg
+    flush stdout
+}
+
+# Wait until CHAN is readable or MS milliseconds pass; 1 if readable.
+proc ::bench::wait_readable {chan ms} {
+    variable seq
+    set var ::bench::w[incr seq]
+    set $var 0
+    fileevent $chan readable [list set $var 1]
+    set id [after [expr {max(1, $ms)}] [list set $var 2]]
+    try {
+        vwait $var
+    } finally {
+        after cancel $id
+        catch {fileevent $chan readable {}}
+    }
+    set r [set $var]
+    unset $var
+    return [expr {$r == 1}]
+}
+
+# Sleep MS milliseconds in the event loop (signals and timers keep working).
+proc ::bench::pause {ms} {
+    variable seq
+    set var ::bench::p[incr seq]
+    after $ms [list set $var 1]
+    vwait $var
+    unset $var
+}
+
+# One line from a non-blocking CHAN before DEADLINE (clock milliseconds).
+proc ::bench::read_line {chan deadline what} {
+    while {1} {
+        if {[gets $chan line] >= 0} {
+            return $line
+        }
+        if {[eof $chan]} {
+            error "$what: ended before it printed its port line"
+        }
+        set left [expr {$deadline - [clock milliseconds]}]
+        if {$left <= 0} {
+            error "$what: no port line within the time limit"
+        }
+        wait_readable $chan $left
+    }
+}
+
+# Is PID alive (and not a zombie)?
+proc ::bench::alive {pid} {
+    if {[catch {open /proc/$pid/stat} f]} {
+        return 0
+    }
+    set s [read $f]
+    close $f
+    set rest [string range $s [expr {[string last ")" $s] + 2}] end]
+    return [expr {[lindex $rest 0] ni {Z X}}]
+}
+
+proc ::bench::killpids {signal pids} {
+    foreach pid $pids {
+        if {[alive $pid]} {
+            catch {kill $signal $pid}
+        }
+    }
+}
+
+# Run CMD (a list) with its output captured, killed by pid after TIMEOUT ms.
+# Returns a dict: output, timedout, status.
+proc ::bench::run_cmd {cmd timeout} {
+    variable clients
+    set chan [open "|$cmd 2>@1" r]
+    set pids [pid $chan]
+    dict set clients $chan $pids
+    fconfigure $chan -blocking 0
+    set out ""
+    set timedout 0
+    set deadline [expr {[clock milliseconds] + $timeout}]
+    try {
+        while {1} {
+            append out [read $chan]
+            if {[eof $chan]} {
+                break
+            }
+            set left [expr {$deadline - [clock milliseconds]}]
+            if {$left <= 0} {
+                set timedout 1
+                killpids SIGKILL $pids
+                break
+            }
+            wait_readable $chan $left
+        }
+    } finally {
+        fconfigure $chan -blocking 1
+        set status 0
+        if {[catch {close $chan} msg opts]} {
+            set ec [dict get $opts -errorcode]
+            if {[lindex $ec 0] eq "CHILDSTATUS"} {
+                set status [lindex $ec 2]
+            } elseif {[lindex $ec 0] eq "CHILDKILLED"} {
+                set status "killed by [lindex $ec 2]"
+            }
+        }
+        dict unset clients $chan
+    }
+    return [dict create output $out timedout $timedout status $status]
+}
+
+# CPU time, in ns, of every thread of PIDS: {ns stat_ns}, where ns comes from
+# schedstat when the kernel has it, else from stat.
+proc ::bench::cpu {pids} {
+    variable clktck
+    variable usens
+    set ns 0
+    set ticks 0
+    foreach pid $pids {
+        foreach f [glob -nocomplain /proc/$pid/task/*/schedstat] {
+            if {![catch {open $f} ch]} {
+                set ns [expr {$ns + [lindex [read $ch] 0]}]
+                close $ch
+            }
+        }
+        if {![catch {open /proc/$pid/stat} ch]} {
+            set s [read $ch]
+            close $ch
+            set rest [string range $s [expr {[string last ")" $s] + 2}] end]
+            # Fields 14 and 15 of stat; rest starts at field 3.
+            set ticks [expr {$ticks + [lindex $rest 11] + [lindex $rest 12]}]
+        }
+    }
+    set statns [expr {$ticks * 1000000000 / $clktck}]
+    return [list [expr {$usens ? $ns : $statns}] $statns]
+}
+
+proc ::bench::record {run config scenario metric value} {
+    variable rows
+    variable vals
+    lappend rows [list $run $config $scenario $metric $value]
+    lappend vals($config,$scenario,$metric) $value
+}
+
+proc ::bench::median {list} {
+    set s [lsort -real $list]
+    set n [llength $s]
+    if {$n == 0} {
+        return {}
+    }
+    if {$n % 2} {
+        return [lindex $s [expr {$n / 2}]]
+    }
+    return [expr {([lindex $s [expr {$n / 2 - 1}]] + [lindex $s [expr {$n / 2}]]) / 2.0}]
+}
+
+# ---------------------------------------------------------------- servers
+
+# Start configuration NAME; returns its record: a dict with name, chan, port,
+# pid (serving process), workers (pids), ctl (pid -> control port, socketserver
+# only), pids (every process of the server).
+proc ::bench::start {name ncores} {
+    variable here
+    variable root
+    variable servers
+    set tclsh [info nameofexecutable]
+    switch -glob -- $name {
+        plain {
+            set cmd [list $tclsh [file join $here plain_server.tcl]]
+        }
+        ss* {
+            set n [string range $name 2 end]
+            set cmd [list $tclsh [file join $here ss_server.tcl] -workers $n]
+        }
+        limit {
+            set cmd [list [file join $root target release examples limit] 0 $ncores]
+        }
+    }
+    set chan [open "|$cmd 2>@stderr" r+]
+    set rec [dict create name $name chan $chan port 0 pid [pid $chan] \
+            workers {} ctl {} pids [pid $chan]]
+    lappend servers $rec
+    fconfigure $chan -blocking 0 -buffering line
+    set deadline [expr {[clock milliseconds] + 20000}]
+    while {1} {
+        set line [read_line $chan $deadline $name]
+        if {[lindex $line 0] eq "worker" && [llength $line] == 4} {
+            dict set rec ctl [lindex $line 1] [lindex $line 3]
+            continue
+        }
+        if {[lindex $line 0] eq "port"} {
+            break
+        }
+    }
+    dict set rec port [lindex $line 1]
+    if {$name eq "limit"} {
+        dict set rec workers [lrange $line 3 end]
+    } else {
+        dict set rec workers [dict get $line workers]
+        if {[dict exists $line ctl]} {
+            dict set rec ctl [dict get $line pid] [dict get $line ctl]
+        }
+    }
+    dict set rec pids [concat [dict get $rec pid] [dict get $rec workers]]
+    set servers [lreplace $servers end end $rec]
+    return $rec
+}
+
+# Stop a server: Tcl servers stop when their stdin ends (the socketserver one
+# kills and reaps its workers); limit on SIGTERM.  Then whatever still lives
+# is killed by pid, and the pipe is closed, which reaps the serving process.
+proc ::bench::stop {rec} {
+    variable servers
+    set chan [dict get $rec chan]
+    set pids [dict get $rec pids]
+    if {[dict get $rec name] eq "limit"} {
+        killpids SIGTERM [dict get $rec pid]
+    } else {
+        catch {chan close $chan write}
+    }
+    set deadline [expr {[clock milliseconds] + 3000}]
+    while {[clock milliseconds] < $deadline} {
+        if {[catch {read $chan}] || [eof $chan]} {
+            break
+        }
+        wait_readable $chan [expr {$deadline - [clock milliseconds]}]
+    }
+    # The serving process last: it reaps its workers.
+    killpids SIGTERM [lreverse $pids]
+    for {set i 0} {$i < 50} {incr i} {
+        set left {}
+        foreach pid $pids {
+            if {[alive $pid]} {
+                lappend left $pid
+            }
+        }
+        if {![llength $left]} {
+            break
+        }
+        pause 20
+    }
+    killpids SIGKILL [lreverse $pids]
+    catch {fconfigure $chan -blocking 1}
+    catch {close $chan}
+    set i [lsearch -exact $servers $rec]
+    if {$i >= 0} {
+        set servers [lreplace $servers $i $i]
+    }
+}
+
+# Ask a control port for its line: {pid PID info DICT}.
+proc ::bench::ctl_query {port} {
+    set s [socket 127.0.0.1 $port]
+    try {
+        fconfigure $s -blocking 0
+        set data ""
+        set deadline [expr {[clock milliseconds] + 3000}]
+        while {1} {
+            append data [read $s]
+            if {[eof $s]} {
+                break
+            }
+            set left [expr {$deadline - [clock milliseconds]}]
+            if {$left <= 0} {
+                error "control port $port did not answer"
+            }
+            wait_readable $s $left
+        }
+    } finally {
+        close $s
+    }
+    return [string trim $data]
+}
+
+# socketserver counters: serving process's info, and workers' wakeups and
+# received summed.  Empty for the other configurations.
+proc ::bench::stats {rec} {
+    if {![string match ss* [dict get $rec name]]} {
+        return {}
+    }
+    set wakeups 0
+    set received 0
+    set serving {}
+    dict for {pid port} [dict get $rec ctl] {
+        set info [dict get [ctl_query $port] info]
+        if {$pid == [dict get $rec pid]} {
+            set serving $info
+        } else {
+            incr wakeups [dict get $info wakeups]
+            incr received [dict get $info received]
+        }
+    }
+    return [dict create wakeups $wakeups received $received \
+            accepted [dict get $serving accepted] delivered [dict get $serving delivered]]
+}
+
+# ---------------------------------------------------------------- clients
+
+proc ::bench::ms {text} {
+    # wrk's durations: 123.45us, 1.23ms, 1.02s, 1.00m
+    if {![regexp {^([0-9.]+)(us|ms|s|m)$} $text -> v unit]} {
+        return {}
+    }
+    return [expr {$v * [dict get {us 0.001 ms 1.0 s 1000.0 m 60000.0} $unit]}]
+}
+
+proc ::bench::ab {port n c} {
+    set csv [file tempfile csvname]
+    close $csv
+    try {
+        set r [run_cmd [list ab -q -r -s 10 -n $n -c $c -e $csvname \
+                http://127.0.0.1:$port/] [expr {60000 + $n * 2}]]
+        set out [dict get $r output]
+        if {[dict get $r timedout]} {
+            error "ab timed out"
+        }
+        set res {}
+        foreach {key re} {
+            complete {Complete requests:\s+(\d+)}
+            failed {Failed requests:\s+(\d+)}
+            non2xx {Non-2xx responses:\s+(\d+)}
+            rps {Requests per second:\s+([0-9.]+)}
+        } {
+            if {[regexp $re $out -> v]} {
+                dict set res $key $v
+            } elseif {$key eq "non2xx"} {
+                dict set res $key 0
+            } else {
+                error "ab: no \"$key\" in its output:\n$out"
+            }
+        }
+        set f [open $csvname]
+        foreach line [split [read $f] \n] {
+            lassign [split $line ,] p t
+            switch -- $p {
+                50 {dict set res p50 $t}
+                99 {dict set res p99 $t}
+                100 {dict set res max $t}
+            }
+        }
+        close $f
+        dict set res errors [expr {[dict get $res failed] + [dict get $res non2xx]}]
+        return $res
+    } finally {
+        file delete -force $csvname
+    }
+}
+
+proc ::bench::wrk {port seconds c {script {}}} {
+    set cmd [list wrk -t 2 -c $c -d ${seconds}s --timeout 5s --latency \
+            -H "Connection: close"]
+    if {$script ne ""} {
+        lappend cmd -s $script
+    }
+    lappend cmd http://127.0.0.1:$port/
+    set r [run_cmd $cmd [expr {$seconds * 1000 + 20000}]]
+    set out [dict get $r output]
+    if {[dict get $r timedout]} {
+        error "wrk timed out"
+    }
+    set res {}
+    if {![regexp {Requests/sec:\s+([0-9.]+)} $out -> rps]
+            || ![regexp {(\d+) requests in} $out -> requests]
+            || ![regexp {Latency\s+(\S+)\s+(\S+)\s+(\S+)} $out -> avg sd max]
+            || ![regexp {\s50%\s+(\S+)} $out -> p50]
+            || ![regexp {\s99%\s+(\S+)} $out -> p99]} {
+        error "wrk: unexpected output:\n$out"
+    }
+    set errors 0
+    if {[regexp {Socket errors: connect (\d+), read (\d+), write (\d+), timeout (\d+)} \
+            $out -> a b d e]} {
+        set errors [expr {$a + $b + $d + $e}]
+    }
+    if {[regexp {Non-2xx or 3xx responses:\s+(\d+)} $out -> x]} {
+        incr errors $x
+    }
+    return [dict create rps $rps requests $requests p50 [ms $p50] p99 [ms $p99] \
+            max [ms $max] errors $errors]
+}
+
+# ---------------------------------------------------------------- scenarios
+
+# Run one scenario against REC, recording CPU, counters and the client's
+# figures.  KIND: herd, ab, wrk, slow.
+proc ::bench::scenario {run rec kind cfg} {
+    variable here
+    set name [dict get $rec name]
+    set port [dict get $rec port]
+    set serving [dict get $rec pid]
+    set workers [dict get $rec workers]
+    set s0 [stats $rec]
+    lassign [cpu $serving] sv0 sv0t
+    lassign [cpu $workers] wk0 wk0t
+    switch -- $kind {
+        herd {set res [ab $port [dict get $cfg herd] 1]}
+        ab {set res [ab $port [dict get $cfg abn] 32]}
+        wrk {set res [wrk $port [dict get $cfg wrkd] 32]}
+        slow {set res [wrk $port [dict get $cfg slowd] 32 [file join $here slowmix.lua]]}
+    }
+    pause 50
+    lassign [cpu $serving] sv1 sv1t
+    lassign [cpu $workers] wk1 wk1t
+    set s1 [stats $rec]
+    foreach key {rps p50 p99 max errors} {
+        record $run $name $kind $key [dict get $res $key]
+    }
+    # CPU per 1000 connections, from the requests counted by the client.
+    if {$kind in {herd ab}} {
+        set conns [dict get $res complete]
+    } else {
+        set conns [dict get $res requests]
+    }
+    if {$conns > 0} {
+        set k [expr {1000.0 / $conns / 1e6}]   ;# ns -> ms per 1000 connections
+        record $run $name $kind cpu_serving [expr {($sv1 - $sv0) * $k}]
+        if {[llength $workers]} {
+            record $run $name $kind cpu_workers [expr {($wk1 - $wk0) * $k}]
+        }
+        record $run $name $kind cpu_all [expr {($sv1 - $sv0 + $wk1 - $wk0) * $k}]
+        record $run $name $kind cpu_all_stat [expr {($sv1t - $sv0t + $wk1t - $wk0t) * $k}]
+        if {[llength $s0]} {
+            set accepted [expr {[dict get $s1 accepted] - [dict get $s0 accepted]}]
+            set wakeups [expr {[dict get $s1 wakeups] - [dict get $s0 wakeups]}]
+            set received [expr {[dict get $s1 received] - [dict get $s0 received]}]
+            if {$accepted > 0} {
+                record $run $name $kind wakeups_per_conn [expr {double($wakeups) / $accepted}]
+                record $run $name $kind received_per_conn [expr {double($received) / $accepted}]
+            }
+        }
+    }
+    return $res
+}
+
+# ---------------------------------------------------------------- report
+
+proc ::bench::fmt {v {digits {}}} {
+    if {$v eq ""} {
+        return "n/a"
+    }
+    if {$digits ne ""} {
+        return [format %.${digits}f $v]
+    }
+    set a [expr {abs($v)}]
+    if {$a >= 1000} {return [format %.0f $v]}
+    if {$a >= 100} {return [format %.1f $v]}
+    if {$a >= 10} {return [format %.1f $v]}
+    return [format %.2f $v]
+}
+
+proc ::bench::cell {config scenario metric {digits {}}} {
+    variable vals
+    if {![info exists vals($config,$scenario,$metric)]} {
+        return "n/a"
+    }
+    set l $vals($config,$scenario,$metric)
+    set s [lsort -real $l]
+    set med [fmt [median $l] $digits]
+    if {[llength $l] < 2} {
+        return $med
+    }
+    return "$med ([fmt [lindex $s 0] $digits]–[fmt [lindex $s end] $digits])"
+}
+
+proc ::bench::med {config scenario metric} {
+    variable vals
+    if {![info exists vals($config,$scenario,$metric)]} {
+        return {}
+    }
+    return [median $vals($config,$scenario,$metric)]
+}
+
+proc ::bench::last {config scenario metric} {
+    variable vals
+    if {![info exists vals($config,$scenario,$metric)]} {
+        return {}
+    }
+    return [lindex $vals($config,$scenario,$metric) end]
+}
+
+proc ::bench::table {title header configs columns} {
+    say "\n$title\n"
+    say "| [join $header { | }] |"
+    set sep {}
+    foreach h $header {
+        lappend sep [expr {$sep eq "" ? "---" : "---:"}]
+    }
+    say "| [join $sep { | }] |"
+    foreach config $configs {
+        set row [list [label $config]]
+        foreach col $columns {
+            lappend row [cell $config {*}$col]
+        }
+        say "| [join $row { | }] |"
+    }
+}
+
+proc ::bench::label {config} {
+    if {[string match ss* $config]} {
+        return "socketserver N=[string range $config 2 end]"
+    }
+    return $config
+}
+
+proc ::bench::target {text value op goal detail} {
+    if {$value eq ""} {
+        say "- $text: n/a (not measured) — MISS"
+        return
+    }
+    switch -- $op {
+        <= {set ok [expr {$value <= $goal}]}
+        >= {set ok [expr {$value >= $goal}]}
+        ~ {set ok [expr {abs($value - 1.0) <= $goal}]}
+    }
+    say "- $text: [format %.3f $value] ($detail) — [expr {$ok ? "PASS" : "MISS"}]"
+}
+
+proc ::bench::ratio {a b} {
+    if {$a eq "" || $b eq "" || $b == 0} {
+        return {}
+    }
+    return [expr {double($a) / $b}]
+}
+
+proc ::bench::write_csv {file header rows} {
+    set f [open $file w]
+    puts $f [join $header ,]
+    foreach row $rows {
+        puts $f [join $row ,]
+    }
+    close $f
+}
+
+# ---------------------------------------------------------------- main
+
+# The 1-minute load average.
+proc ::bench::loadavg {} {
+    set f [open /proc/loadavg]
+    set load [lindex [read $f] 0]
+    close $f
+    return $load
+}
+
+# Fraction of all CPUs' time that was not idle over the next MS milliseconds.
+proc ::bench::cpubusy {ms} {
+    set sample {
+        set f [open /proc/stat]
+        set line [lrange [gets $f] 1 end]
+        close $f
+        set total [tcl::mathop::+ {*}$line]
+        set idle [expr {[lindex $line 3] + [lindex $line 4]}]
+    }
+    eval $sample
+    lassign [list $total $idle] t0 i0
+    pause $ms
+    eval $sample
+    set dt [expr {$total - $t0}]
+    if {$dt <= 0} {
+        return 0.0
+    }
+    return [expr {1.0 - double($idle - $i0) / $dt}]
+}
+
+proc ::bench::machine {} {
+    set cores [exec nproc]
+    set model ""
+    catch {
+        set f [open /proc/cpuinfo]
+        regexp -line {^model name\s*:\s*(.*)$} [read $f] -> model
+        close $f
+    }
+    set f [open /proc/sys/kernel/osrelease]
+    set kernel [string trim [read $f]]
+    close $f
+    set wrkv ""
+    catch {regexp {wrk (\S+)} [dict get [run_cmd {wrk --version} 5000] output] -> wrkv}
+    set abv ""
+    catch {regexp {Version (\S+)} [exec ab -V] -> abv}
+    return [dict create cores $cores model $model kernel $kernel \
+            tcl [info patchlevel] wrk $wrkv ab $abv]
+}
+
+proc ::bench::main {argv} {
+    variable root
+    variable here
+    variable rows
+    variable errors
+    variable clktck
+    variable servers
+    variable clients
+
+    set quick 0
+    set runs 3
+    for {set i 0} {$i < [llength $argv]} {incr i} {
+        set opt [lindex $argv $i]
+        switch -- $opt {
+            -quick {set quick 1}
+            -runs {
+                set runs [lindex $argv [incr i]]
+                if {![string is integer -strict $runs] || $runs < 3} {
+                    error "-runs needs an integer >= 3"
+                }
+            }
+            default {error "usage: run.tcl ?-quick? ?-runs N?"}
+        }
+    }
+    if {$quick} {
+        set cfg [dict create abn 5000 wrkd 2 slowd 2 herd 1000 warm 200 \
+                configs {plain ss2 ss8 limit}]
+    } else {
+        set cfg [dict create abn 20000 wrkd 10 slowd 4 herd 2000 warm 500 \
+                configs {plain ss1 ss2 ss4 ss8 limit}]
+    }
+    set configs [dict get $cfg configs]
+
+    # What we need, checked before anything starts.
+    set limitbin [file join $root target release examples limit]
+    if {![file executable $limitbin]} {
+        error "$limitbin is missing: run  cargo build --release --example limit"
+    }
+    foreach tool {ab wrk} {
+        if {[auto_execok $tool] eq ""} {
+            error "$tool is not installed (Debian: apache2-utils, wrk; or scripts/deps.sh --bench)"
+        }
+    }
+    # The servers are child tclsh processes: they must find the package.
+    if {![info exists ::env(TCLLIBPATH)] && [file exists [file join $root build pkgIndex.tcl]]} {
+        set ::env(TCLLIBPATH) [list [file join $root build]]
+    }
+    set r [run_cmd [list [info nameofexecutable] << \
+            {puts [package require socketserver]; package require Tclx}] 10000]
+    if {[dict get $r status] != 0 || [dict get $r timedout]} {
+        error "cannot load socketserver and Tclx in a child tclsh ([string trim [dict get $r output]]):\
+                run make all, and set TCLLIBPATH to the build directory"
+    }
+    set version [string trim [dict get $r output]]
+    catch {set clktck [exec getconf CLK_TCK]}
+    set m [machine]
+    set ncores [dict get $m cores]
+    file mkdir [file join $here results]
+    set stamp [clock format [clock seconds] -format %Y%m%d-%H%M%S]
+
+    say "# socketserver benchmark[expr {$quick ? { (-quick)} : {}}]"
+    say ""
+    say "Machine: [dict get $m cores] cores ([dict get $m model]), Linux [dict get $m kernel],\
+            Tcl [dict get $m tcl], socketserver $version, ab [dict get $m ab], wrk [dict get $m wrk];\
+            loopback only."
+    set busy [cpubusy 1000]
+    say "Before the run: CPU [format %.0f [expr {$busy * 100}]]% busy over 1 s, load average [loadavg]."
+    if {$busy > 0.15} {
+        say "WARNING: the machine is busy: other processes compete with the servers and the\
+                clients, so the figures below are not trustworthy. Run again on a quiet machine."
+    }
+    say "Runs: $runs, configurations interleaved: [join $configs {, }];\
+            ab -n [dict get $cfg abn] -c 32; wrk -c 32 -d [dict get $cfg wrkd]s;\
+            slow mix wrk -d [dict get $cfg slowd]s; idle herd ab -n [dict get $cfg herd] -c 1."
+    say ""
+
+    set started [clock milliseconds]
+    try {
+        for {set run 1} {$run <= $runs} {incr run} {
+            # Rotate the order from run to run.
+            set k [expr {($run - 1) % [llength $configs]}]
+            set order [concat [lrange $configs $k end] [lrange $configs 0 [expr {$k - 1}]]]
+            foreach name $order {
+                set t0 [clock milliseconds]
+                set rec {}
+                try {
+                    set rec [start $name $ncores]
+                    # Warm up (not measured): every worker has served a few.
+                    ab [dict get $rec port] [dict get $cfg warm] 4
+                    set line "run $run/$runs [format %-6s $name]"
+                    set r [scenario $run $rec herd $cfg]
+                    append line " | c=1 CPU " [fmt [last $name herd cpu_all]] " ms/1000"
+                    if {[string match ss* $name]} {
+                        append line ", wake-ups/conn " [fmt [last $name herd wakeups_per_conn] 3]
+                    }
+                    set r [scenario $run $rec ab $cfg]
+                    append line " | ab [format %.0f [dict get $r rps]]/s"
+                    set r [scenario $run $rec wrk $cfg]
+                    append line " | wrk [format %.0f [dict get $r rps]]/s"
+                    if {$name ne "limit"} {
+                        set r [scenario $run $rec slow $cfg]
+                        append line " | slow [format %.0f [dict get $r rps]]/s\
+                                p99 [fmt [dict get $r p99]] ms"
+                    }
+                    append line " ([format %.1f [expr {([clock milliseconds] - $t0) / 1000.0}]] s)"
+                    say $line
+                } on error {msg opts} {
+                    lappend errors "run $run $name: $msg"
+                    say "run $run/$runs $name: ERROR: $msg"
+                } finally {
+                    if {$rec ne ""} {
+                        stop $rec
+                    }
+                }
+            }
+        }
+    } finally {
+        # Whatever is still running: stop it, by pid.
+        foreach rec $servers {
+            catch {stop $rec}
+        }
+        dict for {chan pids} $clients {
+            killpids SIGKILL $pids
+            catch {fconfigure $chan -blocking 1}
+            catch {close $chan}
+        }
+    }
+    set elapsed [expr {([clock milliseconds] - $started) / 1000.0}]
+    say "\nTotal time: [format %.0f $elapsed] s; load average after the run: [loadavg]\
+            (the benchmark itself loads the machine)."
+
+    report $configs $cfg
+    targets
+
+    # CSV: every measurement, and the summary.
+    set raw [file join $here results bench-$stamp-raw.csv]
+    write_csv $raw {run config scenario metric value} $rows
+    set summary {}
+    variable vals
+    foreach key [lsort [array names vals]] {
+        lassign [split $key ,] config scenario metric
+        set s [lsort -real $vals($key)]
+        lappend summary [list $config $scenario $metric [median $s] \
+                [lindex $s 0] [lindex $s end] [llength $s]]
+    }
+    set sum [file join $here results bench-$stamp-summary.csv]
+    write_csv $sum {config scenario metric median min max n} $summary
+    set mf [file join $here results bench-$stamp-machine.csv]
+    write_csv $mf {key value} [lmap {k v} $m {list $k "\"$v\""}]
+    say "\nCSV: [file tail $raw], [file tail $sum], [file tail $mf] in bench/results/"
+
+    if {[llength $errors]} {
+        say "\nErrors:"
+        foreach e $errors {
+            say "- $e"
+        }
+        exit 1
+    }
+}
+
+proc ::bench::report {configs cfg} {
+    set abn [dict get $cfg abn]
+    set herd [dict get $cfg herd]
+    say "\nMedians of the runs, (min–max). Latencies in ms; CPU in ms per 1000 connections\
+            (= µs per connection), all server processes unless stated."
+    table "Fast, ab -n $abn -c 32 (a connection per request):" \
+        {server req/s p50 p99 max errors CPU} $configs \
+        {{ab rps 0} {ab p50} {ab p99} {ab max} {ab errors 0} {ab cpu_all}}
+    table "Fast, wrk -c 32 -d [dict get $cfg wrkd]s -H 'Connection: close':" \
+        {server req/s p50 p99 max errors} $configs \
+        {{wrk rps 0} {wrk p50} {wrk p99} {wrk max} {wrk errors 0}}
+    set slow [lsearch -all -inline -not -exact $configs limit]
+    table "Slow mix, wrk -c 32 -d [dict get $cfg slowd]s, one request in ten blocks its process 5 ms:" \
+        {server req/s p50 p99 max errors} $slow \
+        {{slow rps 0} {slow p50} {slow p99} {slow max} {slow errors 0}}
+    table "Idle herd (ab -n $herd -c 1, sequential) and dispatcher cost (ab -c 32):" \
+        {server {wake-ups/conn c=1} {CPU all c=1} {CPU workers c=1} {CPU serving c=1} \
+             {CPU all c=32} {CPU serving c=32}} $configs \
+        {{herd wakeups_per_conn 3} {herd cpu_all} {herd cpu_workers} {herd cpu_serving}
+         {ab cpu_all} {ab cpu_serving}}
+    say "\n(\"serving\" is the process holding the listener: for socketserver the dispatcher,\
+            for plain the whole server, for limit its idle parent; limit's CPU is its per-connection floor.)"
+}
+
+proc ::bench::targets {} {
+    say "\nTargets (issue 3), ratios of medians from this run:"
+    set w [med ss8 herd wakeups_per_conn]
+    target "wake-ups per connection, 8 idle workers, c=1 (target 1.00 ± 0.02)" \
+        $w ~ 0.02 "received/conn [fmt [med ss8 herd received_per_conn] 3]"
+    set a [med ss8 ab cpu_all]
+    set p [med plain ab cpu_all]
+    target "CPU per 1000 connections at c=32, socketserver N=8 / plain (target ≤ 1.0)" \
+        [ratio $a $p] <= 1.0 "[fmt $a] vs [fmt $p] ms"
+    set a [med ss8 herd cpu_all]
+    set p [med plain herd cpu_all]
+    target "CPU per 1000 connections at c=1, socketserver N=8 / plain (target ≤ 1.2)" \
+        [ratio $a $p] <= 1.2 "[fmt $a] vs [fmt $p] ms"
+    set a [med ss8 slow p99]
+    set p [med plain slow p99]
+    target "slow mix p99, socketserver N=8 / plain (target ≤ 0.35)" \
+        [ratio $a $p] <= 0.35 "[fmt $a] vs [fmt $p] ms"
+    set a [med ss2 wrk rps]
+    set l [med limit wrk rps]
+    target "fast req/s (wrk), socketserver N=2 / limit (target ≥ 0.9)" \
+        [ratio $a $l] >= 0.9 "[fmt $a 0] vs [fmt $l 0] req/s"
+}
+
+# Ctrl-C or SIGTERM: raise an error, so every finally clause runs and every
+# started process is stopped.
+signal error {SIGINT SIGTERM}
+
+if {[catch {::bench::main $argv} msg opts]} {
+    puts stderr "bench: $msg"
+    exit 1
+}
+exit 0
