@@ -111,6 +111,7 @@ pub fn parse_server(args: &[&str]) -> CmdResult<ServerArgs> {
 /// `client ?-port port? handler` — returns the port, if given, and the handler word's index.
 pub fn parse_client(args: &[&str]) -> CmdResult<(Option<u16>, usize)> {
     match args {
+        ["-port"] => Err(CmdError::WrongArgs { words: 2, usage: CLIENT_USAGE }),
         [_handler] => Ok((None, 0)),
         ["-port", port, _handler] => Ok((Some(parse_port(port)?), 2)),
         [option, _, _] if option.starts_with('-') => Err(bad_option(option, "-port")),
@@ -188,6 +189,7 @@ mod tests {
         assert_eq!(parse_client(&["-port", "80", "h"]), Ok((Some(80), 2)));
         assert_eq!(text(parse_client(&["-p", "80", "h"]).unwrap_err()), "bad option \"-p\": must be -port");
         assert_eq!(parse_client(&[]), Err(CmdError::WrongArgs { words: 2, usage: CLIENT_USAGE }));
+        assert_eq!(parse_client(&["-port"]), Err(CmdError::WrongArgs { words: 2, usage: CLIENT_USAGE }));
         assert_eq!(parse_client(&["a", "b"]), Err(CmdError::WrongArgs { words: 2, usage: CLIENT_USAGE }));
     }
 

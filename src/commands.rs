@@ -56,7 +56,7 @@ impl InterpState {
     fn default_port(&self) -> CmdResult<u16> {
         self.servers.first().map(|(port, _)| *port).ok_or_else(|| {
             CmdError::new(
-                "no socketserver in this process: call \"::socketserver::socket server\" first",
+                "no socketserver in this interp: call \"::socketserver::socket server\" first",
                 &["SOCKETSERVER", "NOSERVER"],
             )
         })
