@@ -51,6 +51,7 @@ proc ::bench::readable {chan} {
 
 proc ::bench::answer {chan} {
     variable path
+    variable lines
     variable response
     if {$path($chan) eq "/slow"} {
         after 5

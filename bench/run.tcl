@@ -377,7 +377,7 @@ proc ::bench::ab {port n c} {
             } elseif {$key eq "non2xx"} {
                 dict set res $key 0
             } else {
-                error "ab: no \"$key\" in its output:\n$out"
+                error "ab -n $n -c $c failed: [lindex [split [string trim $out] \n] end]"
             }
         }
         set f [open $csvname]
@@ -415,7 +415,7 @@ proc ::bench::wrk {port seconds c {script {}}} {
             || ![regexp {Latency\s+(\S+)\s+(\S+)\s+(\S+)} $out -> avg sd max]
             || ![regexp {\s50%\s+(\S+)} $out -> p50]
             || ![regexp {\s99%\s+(\S+)} $out -> p99]} {
-        error "wrk: unexpected output:\n$out"
+        error "wrk failed: [lindex [split [string trim $out] \n] end]"
     }
     set errors 0
     if {[regexp {Socket errors: connect (\d+), read (\d+), write (\d+), timeout (\d+)} \

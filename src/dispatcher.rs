@@ -86,7 +86,7 @@ impl Snapshot {
     }
 
     fn decode(bytes: &[u8]) -> Option<Snapshot> {
-        if bytes.len() < HEADER_LEN || (bytes.len() - HEADER_LEN) % WORKER_LEN != 0 {
+        if bytes.len() < HEADER_LEN || !(bytes.len() - HEADER_LEN).is_multiple_of(WORKER_LEN) {
             return None;
         }
         let u64_at = |b: &[u8], i: usize| u64::from_le_bytes(b[i..i + 8].try_into().unwrap());
@@ -161,9 +161,12 @@ impl Server {
 
     /// Asks the dispatcher thread for its counters. Only in the owning process.
     pub fn snapshot(&self) -> io::Result<Snapshot> {
+        let mut buf = vec![0u8; 64 * 1024];
+        // A reply that came after an earlier request timed out must not answer this one.
+        let stale = nix::sys::socket::MsgFlags::MSG_DONTWAIT;
+        while nix::sys::socket::recv(self.control.as_raw_fd(), &mut buf, stale).is_ok_and(|n| n > 0) {}
         fdpass::send_byte(self.control.as_fd(), SNAPSHOT)?;
         wait_readable(self.control.as_fd(), REQUEST_TIMEOUT)?;
-        let mut buf = vec![0u8; 64 * 1024];
         let len = nix::sys::socket::recv(self.control.as_raw_fd(), &mut buf, nix::sys::socket::MsgFlags::empty())
             .map_err(|e| io::Error::from_raw_os_error(e as i32))?;
         Snapshot::decode(&buf[..len]).ok_or_else(|| {

@@ -202,8 +202,9 @@ mod tests {
         let parent_only = section.adopt(parent_only).unwrap();
         drop(section);
         let (p, k) = (parent_only.as_raw_fd(), kept.as_raw_fd());
-        // SAFETY: the child only queries its fd table and exits with _exit.
+        // SAFETY: the test's child does nothing but the async-signal-safe checks below.
         match unsafe { libc::fork() } {
+            // SAFETY: the child only queries its fd table and leaves with _exit.
             0 => unsafe {
                 let code = if !is_open(p) && is_open(k) { 0 } else { 1 };
                 libc::_exit(code)
