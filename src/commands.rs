@@ -35,8 +35,9 @@ struct Slot {
     handler: Option<Obj>,
     received: u64,
     wakeups: u64,
-    /// What the file handler's client data points to; boxed so the address stays put.
-    target: Box<HandlerTarget>,
+    /// What the file handler's client data points to: owned here (never read) so that it lives
+    /// exactly as long as the handler, and boxed so its address stays put.
+    _target: Box<HandlerTarget>,
 }
 
 struct HandlerTarget {
@@ -65,19 +66,19 @@ impl InterpState {
     /// Drops worker links that a forked child inherited from the process that registered them.
     fn forget_inherited_links(&mut self) {
         self.slots.retain(|_, slot| !slot.link.is_inherited() || {
-            disarm(slot);
+            unwatch(slot);
             false
         });
     }
 
     fn remove_slot(&mut self, port: u16) {
         if let Some(mut slot) = self.slots.remove(&port) {
-            disarm(&mut slot);
+            unwatch(&mut slot);
         }
     }
 }
 
-fn disarm(slot: &mut Slot) {
+fn unwatch(slot: &mut Slot) {
     ffi::delete_file_handler(slot.link.as_raw_fd());
     slot.handler = None;
 }
@@ -85,7 +86,7 @@ fn disarm(slot: &mut Slot) {
 impl Drop for InterpState {
     fn drop(&mut self) {
         for slot in self.slots.values_mut() {
-            disarm(slot);
+            unwatch(slot);
         }
         if !self.traps.is_empty() {
             for &signal in self.traps.keys() {
@@ -168,20 +169,20 @@ fn client(cell: &StateCell, state: &mut InterpState, port: Option<u16>, handler:
             }
         };
         let target = Box::new(HandlerTarget { state: cell, port });
-        state.slots.insert(port, Slot { link, handler: None, received: 0, wakeups: 0, target });
+        // The link is watched for as long as the slot lives, armed or not: the dispatcher sends
+        // nothing unasked, so an unarmed link wakes us only when the server closes, and no
+        // connection pays for changing the notifier's set of fds.
+        let data = &*target as *const HandlerTarget as ClientData;
+        // SAFETY: the target lives in the slot, whose removal deletes this handler first.
+        unsafe { ffi::create_file_handler(link.as_raw_fd(), on_readable, data) };
+        state.slots.insert(port, Slot { link, handler: None, received: 0, wakeups: 0, _target: target });
     }
     let slot = state.slots.get_mut(&port).expect("inserted above");
-    let was_armed = slot.link.is_armed();
     if let Err(err) = slot.link.arm() {
         state.remove_slot(port);
         return Err(posix(&format!("socketserver on port {port} is closed"), err));
     }
     slot.handler = Some(handler);
-    if !was_armed {
-        let data = &*slot.target as *const HandlerTarget as ClientData;
-        // SAFETY: the target lives in the slot, whose removal deletes this handler first.
-        unsafe { ffi::create_file_handler(slot.link.as_raw_fd(), on_readable, data) };
-    }
     Ok(Obj::string(""))
 }
 
@@ -238,7 +239,7 @@ pub fn info_command(cell: &StateCell, words: &[String]) -> CmdResult<Obj> {
     Ok(Obj::list(dict.into_iter().flat_map(|(k, v)| [Obj::string(k), v])))
 }
 
-/// The file handler of an armed slot: takes the connection, disarms, and calls the handler.
+/// The file handler of a slot: takes the connection, disarms, and calls the handler.
 unsafe extern "C" fn on_readable(data: ClientData, _mask: c_int) {
     // SAFETY: data is the slot's HandlerTarget, valid while the handler is registered.
     let target = unsafe { &*(data as *const HandlerTarget) };
@@ -258,7 +259,6 @@ fn deliver(cell: &StateCell, port: u16) {
         match slot.link.receive() {
             Ok(Some(delivery)) => {
                 slot.received += 1;
-                ffi::delete_file_handler(slot.link.as_raw_fd());
                 (interp, slot.handler.take(), delivery)
             }
             Err(err) if err.kind() == io::ErrorKind::WouldBlock => return,
@@ -270,15 +270,15 @@ fn deliver(cell: &StateCell, port: u16) {
     if ffi::interp_deleted(interp) {
         return;
     }
+    // The dispatcher sends only to an armed worker, so there is always a handler.
+    let Some(handler) = handler else { return };
     let Some(chan) = ffi::register_socket_channel(interp, delivery.fd) else { return };
-    if let Some(handler) = handler {
-        let args = [
-            Obj::string(&chan),
-            Obj::string(&delivery.peer.ip().to_string()),
-            Obj::int(delivery.peer.port().into()),
-        ];
-        ffi::call_in_background(interp, &handler, &args);
-    }
+    let args = [
+        Obj::string(&chan),
+        Obj::string(&delivery.peer.ip().to_string()),
+        Obj::int(delivery.peer.port().into()),
+    ];
+    ffi::call_in_background(interp, &handler, &args);
 }
 
 /// `::socketserver::fork`
