@@ -40,26 +40,21 @@ pub struct ServerArgs {
     pub queue: usize,
 }
 
-pub fn parse_port(word: &str) -> CmdResult<u16> {
-    let valid = !word.is_empty() && word.bytes().all(|b| b.is_ascii_digit());
-    match word.parse::<u16>() {
-        Ok(port) if valid => Ok(port),
-        _ => Err(CmdError::new(
-            format!("expected port number from 0 to 65535 but got \"{word}\""),
-            &["TCL", "VALUE", "PORT"],
-        )),
+/// A decimal number of type T, digits only (no sign, no spaces), or `expected <what> but got`.
+fn parse_decimal<T: std::str::FromStr>(word: &str, what: &str, kind: &str) -> CmdResult<T> {
+    let digits = !word.is_empty() && word.bytes().all(|b| b.is_ascii_digit());
+    match word.parse::<T>() {
+        Ok(n) if digits => Ok(n),
+        _ => Err(CmdError::new(format!("expected {what} but got \"{word}\""), &["TCL", "VALUE", kind])),
     }
 }
 
+pub fn parse_port(word: &str) -> CmdResult<u16> {
+    parse_decimal(word, "port number from 0 to 65535", "PORT")
+}
+
 fn parse_count(word: &str) -> CmdResult<u32> {
-    let valid = !word.is_empty() && word.bytes().all(|b| b.is_ascii_digit());
-    match word.parse::<u32>() {
-        Ok(n) if valid => Ok(n),
-        _ => Err(CmdError::new(
-            format!("expected non-negative integer but got \"{word}\""),
-            &["TCL", "VALUE", "NUMBER"],
-        )),
-    }
+    parse_decimal(word, "non-negative integer", "NUMBER")
 }
 
 fn resolve(host: &str) -> CmdResult<IpAddr> {
