@@ -130,8 +130,11 @@ fn set_error(interp: *mut Tcl_Interp, objc: c_int, objv: *const *mut Tcl_Obj, er
     match err {
         CmdError::WrongArgs { words, usage } => {
             let usage = CString::new(usage).unwrap_or_default();
-            // SAFETY: objv holds objc live objects and words <= objc by construction.
-            unsafe { clib::Tcl_WrongNumArgs(interp, (words as c_int).min(objc), objv, usage.as_ptr()) };
+            // An empty usage (a command without arguments) is passed as NULL, or Tcl adds a space.
+            let usage = if usage.is_empty() { std::ptr::null() } else { usage.as_ptr() };
+            // SAFETY: objv holds objc live objects and words <= objc by construction; usage is
+            // NULL or a C string that outlives the call.
+            unsafe { clib::Tcl_WrongNumArgs(interp, (words as c_int).min(objc), objv, usage) };
         }
         CmdError::Message { text, code } => {
             // SAFETY: interp is live; Tcl takes references to both objects.

@@ -13,6 +13,7 @@
 
 namespace eval ::socketserver::pool {
     variable counter 0
+    variable running {}    ;# pools not yet stopped, all served by one SIGCHLD trap
     variable options {-port -workers -init -maxconnections -timeout -grace -log -signals}
     namespace export create
     namespace ensemble create -subcommands {create}
@@ -51,7 +52,9 @@ proc ::socketserver::pool::create {args} {
     set ${name}::config $config
     set ${name}::handler $handler
     proc $name {method args} [format {::socketserver::pool::Dispatch %s $method $args} [list $name]]
-    ::socketserver::trap CHLD [list ::socketserver::pool::Reap $name]
+    variable running
+    lappend running $name
+    ::socketserver::trap CHLD ::socketserver::pool::ReapAll
     if {[dict get $config -signals]} {
         ::socketserver::trap TERM [list ::socketserver::pool::StopOnSignal $name TERM]
         ::socketserver::trap INT [list ::socketserver::pool::StopOnSignal $name INT]
@@ -168,7 +171,7 @@ proc ::socketserver::pool::Log {name message} {
     set log [dict get [set ${name}::config] -log]
     if {$log ne {}} {
         if {[catch {{*}$log $message} error options]} {
-            interp bgerror {} $error $options
+            catch {{*}[interp bgerror {}] $error $options}
         }
     }
 }
@@ -200,6 +203,10 @@ proc ::socketserver::pool::Refill {name} {
 }
 
 proc ::socketserver::pool::Spawn {name} {
+    # Output still buffered in the monitor would be written once more by the child.
+    foreach chan [chan names] {
+        catch {flush $chan}
+    }
     set pid [::socketserver::fork]
     if {$pid == 0} {
         # The worker. It must never return into the monitor's code, whatever happens.
@@ -231,25 +238,41 @@ proc ::socketserver::pool::Resize {name count} {
 
 # Starts fresh workers, waits until they are registered with the dispatcher, then retires the
 # old ones. With wait, returns only when every old worker has exited (so every connection
-# accepted after that is served by a new worker).
+# accepted after that is served by a new worker). If a fresh worker dies or does not register
+# within 10 s (say, the new code fails in -init), the old workers stay and the reload fails.
 proc ::socketserver::pool::Reload {name wait} {
     upvar #0 ${name}::workers workers
     set old [Active $name]
     foreach pid $old {
         dict set workers $pid role old
     }
-    dict incr ${name}::totals reloads
     Log $name "reload: replacing [llength $old] workers"
     Refill $name
     set fresh [Active $name]
     set port [dict get [set ${name}::config] -port]
-    WaitFor [expr {[clock milliseconds] + 10000}] {[llength [Unregistered $port $fresh]] == 0}
+    WaitFor [expr {[clock milliseconds] + 10000}] {
+        [llength [Unregistered $port $fresh]] == 0 || [llength [Alive $name $fresh]] < [llength $fresh]
+    }
+    if {[llength [Unregistered $port $fresh]] > 0} {
+        foreach pid [Active $name] {
+            Retire $name $pid
+        }
+        foreach pid [Alive $name $old] {
+            dict set workers $pid role new
+        }
+        Log $name "reload failed: the new workers did not start; keeping the old ones"
+        if {$wait} {
+            return -code error -errorcode {SOCKETSERVER POOL RELOAD} \
+                "reload failed: the new workers did not start; the old ones keep serving"
+        }
+        return
+    }
+    dict incr ${name}::totals reloads
     foreach pid $old {
         Retire $name $pid
     }
     if {$wait} {
-        set grace [dict get [set ${name}::config] -grace]
-        AwaitExit $name $old $grace
+        AwaitExit $name $old [dict get [set ${name}::config] -grace]
     }
 }
 
@@ -295,13 +318,18 @@ proc ::socketserver::pool::Stop {name grace} {
     after cancel [set ${name}::tick]
     set port [dict get [set ${name}::config] -port]
     Log $name "stopping: no new connections; waiting up to $grace ms for busy workers"
+    Stats $name ;# keeps the server's last counts for stats after the stop
     catch {::socketserver::socket close $port}
     set pids [dict keys [set ${name}::workers]]
     foreach pid $pids {
         Retire $name $pid
     }
     AwaitExit $name $pids $grace
-    ::socketserver::trap CHLD {}
+    variable running
+    set running [lsearch -all -inline -exact -not $running $name]
+    if {![llength $running]} {
+        ::socketserver::trap CHLD {}
+    }
     if {[dict get [set ${name}::config] -signals]} {
         foreach signal {TERM INT HUP} {
             ::socketserver::trap $signal {}
@@ -317,6 +345,13 @@ proc ::socketserver::pool::Stop {name grace} {
 proc ::socketserver::pool::StopOnSignal {name signal} {
     Log $name "SIG$signal received"
     Stop $name [dict get [set ${name}::config] -grace]
+}
+
+proc ::socketserver::pool::ReapAll {} {
+    variable running
+    foreach name $running {
+        Reap $name
+    }
 }
 
 # SIGCHLD: reap every ended child of ours, say why it ended, and replace it.
