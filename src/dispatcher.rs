@@ -419,28 +419,27 @@ impl Dispatcher {
         }
     }
 
+    /// Takes one message from a worker (poll reports it again if there are more: cheaper than
+    /// a receive that finds nothing).
     fn serve_worker(&mut self, slot: usize) {
-        let mut buf = [0u8; MAX_MESSAGE];
-        loop {
-            let Some(worker) = self.workers[slot].as_mut() else { return };
-            match fdpass::recv_with_fd(worker.sock.as_fd(), &mut buf) {
-                Ok(Received::Message(1, None)) if buf[0] == READY => {
-                    if !worker.ready {
-                        worker.ready = true;
-                        worker.busy_since = None;
-                        self.ready.push_back(slot);
-                    }
+        let Some(worker) = self.workers[slot].as_mut() else { return };
+        match fdpass::recv_byte(worker.sock.as_fd()) {
+            Ok(Some(READY)) => {
+                if !worker.ready {
+                    worker.ready = true;
+                    worker.busy_since = None;
+                    self.ready.push_back(slot);
                 }
-                Ok(Received::Message(1, None)) if buf[0] == ACK => {
-                    if worker.in_flight.take().is_some() {
-                        worker.delivered += 1;
-                        self.delivered += 1;
-                    }
-                }
-                Ok(Received::Empty) => return,
-                // Gone, or speaking another protocol: either way no longer a worker.
-                _ => return self.remove_worker(slot),
             }
+            Ok(Some(ACK)) => {
+                if worker.in_flight.take().is_some() {
+                    worker.delivered += 1;
+                    self.delivered += 1;
+                }
+            }
+            Err(e) if e.kind() == io::ErrorKind::WouldBlock => {}
+            // Gone, or speaking another protocol: either way no longer a worker.
+            _ => self.remove_worker(slot),
         }
     }
 
