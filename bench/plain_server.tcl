@@ -5,7 +5,9 @@
 #
 # Listens on 127.0.0.1:PORT (default 0: a port the kernel chooses) and prints
 # one line, "port PORT pid PID workers {}", then serves until its stdin ends,
-# or until SIGTERM (default action).  The answer is bench/http.tcl's.
+# or until SIGTERM (default action).  The answer is bench/http.tcl's, from its
+# fileevent-driven handler ::bench::accept: one process serves every client,
+# so it must not block reading one of them.
 
 source [file join [file dirname [file normalize [info script]]] http.tcl]
 

@@ -11,6 +11,13 @@
 # rotates from run to run), runs the scenarios against it and stops it, so the
 # configurations are interleaved; at least 3 runs.
 #
+# Handlers (bench/http.tcl; same work, same answer): plain uses the
+# fileevent-driven one (one process must not block on a client); socketserver
+# workers use the synchronous one (a worker serves one connection at a time,
+# so its users write handlers that way, and it saves the fileevent wake-ups,
+# each a round trip through Tcl 8.6's notifier thread).  The full run adds
+# ss8fe: socketserver N=8 with the fileevent handler, to show that cost.
+#
 # Scenarios, all on 127.0.0.1, each client bounded in time:
 #   herd  ab -n HERD -c 1: sequential connections to idle workers -> wake-ups
 #         per connection (socketserver's own counters) and CPU per 1000
@@ -220,8 +227,10 @@ proc ::bench::start {name ncores} {
             set cmd [list $tclsh [file join $here plain_server.tcl]]
         }
         ss* {
-            set n [string range $name 2 end]
-            set cmd [list $tclsh [file join $here ss_server.tcl] -workers $n]
+            # ssN: N workers, synchronous handler; ssNfe: fileevent handler.
+            regexp {^ss(\d+)(fe)?$} $name -> n fe
+            set cmd [list $tclsh [file join $here ss_server.tcl] -workers $n \
+                    -handler [expr {$fe eq "" ? "sync" : "fileevent"}]]
         }
         limit {
             set cmd [list [file join $root target release examples limit] 0 $ncores]
@@ -546,8 +555,8 @@ proc ::bench::table {title header configs columns} {
 }
 
 proc ::bench::label {config} {
-    if {[string match ss* $config]} {
-        return "socketserver N=[string range $config 2 end]"
+    if {[regexp {^ss(\d+)(fe)?$} $config -> n fe]} {
+        return "socketserver N=$n[expr {$fe eq "" ? "" : " (fileevent handler)"}]"
     }
     return $config
 }
@@ -659,7 +668,7 @@ proc ::bench::main {argv} {
                 configs {plain ss2 ss8 limit}]
     } else {
         set cfg [dict create abn 20000 wrkd 10 slowd 4 herd 2000 warm 500 \
-                configs {plain ss1 ss2 ss4 ss8 limit}]
+                configs {plain ss1 ss2 ss4 ss8 ss8fe limit}]
     }
     set configs [dict get $cfg configs]
 

@@ -1,10 +1,17 @@
 # bench/ss_server.tcl -- the "socketserver" configuration: one serving process
 # (the listener and the dispatcher thread) and N workers forked with Tclx.
 #
-#   TCLLIBPATH=.../build tclsh bench/ss_server.tcl ?-workers N? ?-port PORT? ?-queue Q?
+#   TCLLIBPATH=.../build tclsh bench/ss_server.tcl ?-workers N? ?-port PORT?
+#       ?-queue Q? ?-handler sync|fileevent?
 #
 # Every worker serves bench/http.tcl's answer and re-arms with
 # `::socketserver::socket client` when it has finished a connection.
+# -handler sync (the default) uses ::bench::accept_sync, blocking reads: a
+# worker serves one connection at a time, so this is how its handlers are
+# written, and it spares the fileevent wake-ups (each a round trip through Tcl
+# 8.6's notifier thread).  -handler fileevent uses ::bench::accept, the
+# non-blocking fileevent-driven handler that plain Tcl must use, to show that
+# cost.
 #
 # Output on stdout, one line each:
 #   worker PID ctl CTLPORT            once per worker, when it starts
@@ -27,6 +34,7 @@ source [file join [file dirname [file normalize [info script]]] http.tcl]
 namespace eval ::ss {
     variable port 0
     variable workers {}
+    variable handler ::bench::accept_sync
 }
 
 # The control listener: one line of stats per connection.
@@ -50,7 +58,8 @@ proc ::ss::worker {} {
     set ctl [control]
     puts "worker [pid] ctl $ctl"
     flush stdout
-    set ::bench::done [list ::socketserver::socket client -port $port ::bench::accept]
+    variable handler
+    set ::bench::done [list ::socketserver::socket client -port $port $handler]
     ::bench::watch_stdin [list exit 0]
     {*}$::bench::done
     vwait ::forever
@@ -84,12 +93,22 @@ proc ::ss::shutdown {} {
 proc ::ss::main {argv} {
     variable port
     variable workers
-    array set opt {-workers 2 -port 0 -queue 0}
+    variable handler
+    set usage "usage: ss_server.tcl ?-workers N? ?-port PORT? ?-queue Q? ?-handler sync|fileevent?"
+    array set opt {-workers 2 -port 0 -queue 0 -handler sync}
+    if {[llength $argv] % 2} {
+        error $usage
+    }
     foreach {name value} $argv {
         if {![info exists opt($name)]} {
-            error "usage: ss_server.tcl ?-workers N? ?-port PORT? ?-queue Q?"
+            error $usage
         }
         set opt($name) $value
+    }
+    switch -- $opt(-handler) {
+        sync {set handler ::bench::accept_sync}
+        fileevent {set handler ::bench::accept}
+        default {error $usage}
     }
     set port [::socketserver::socket server -myaddr 127.0.0.1 -queue $opt(-queue) $opt(-port)]
     flush stdout

@@ -22,7 +22,6 @@ namespace eval ::socketserver::pool {
 # Usage: ::socketserver::pool create ?-option value ...? handler
 proc ::socketserver::pool::create {args} {
     variable counter
-    variable options
     if {[llength $args] % 2 == 0} {
         return -code error -errorcode {TCL WRONGARGS} \
             "wrong # args: should be \"::socketserver::pool create ?-port port? ?-workers n? ?-init script? ?-maxconnections n? ?-timeout ms? ?-grace ms? ?-log command? ?-signals bool? handler\""
@@ -40,7 +39,7 @@ proc ::socketserver::pool::create {args} {
     namespace eval $name {
         variable config
         variable handler
-        variable workers [dict create] ;# pid -> {started ms role new|old|retiring reload id}
+        variable workers [dict create] ;# pid -> {started ms role new|old|retiring}
         variable totals [dict create respawned 0 recycled 0 timeouts 0 reloads 0]
         variable counts [dict create accepted 0 delivered 0]
         variable stopping 0
