@@ -126,6 +126,23 @@ proc ::bench::killpids {signal pids} {
     }
 }
 
+# Reads the non-blocking CHAN until EOF or the DEADLINE (clock milliseconds).
+# Returns {data finished}; finished is 0 if the deadline came first.
+proc ::bench::read_to_eof {chan deadline} {
+    set data ""
+    while {1} {
+        append data [read $chan]
+        if {[eof $chan]} {
+            return [list $data 1]
+        }
+        set left [expr {$deadline - [clock milliseconds]}]
+        if {$left <= 0} {
+            return [list $data 0]
+        }
+        wait_readable $chan $left
+    }
+}
+
 # Run CMD (a list) with its output captured, killed by pid after TIMEOUT ms.
 # Returns a dict: output, timedout, status.
 proc ::bench::run_cmd {cmd timeout} {
@@ -134,22 +151,12 @@ proc ::bench::run_cmd {cmd timeout} {
     set pids [pid $chan]
     dict set clients $chan $pids
     fconfigure $chan -blocking 0
-    set out ""
     set timedout 0
-    set deadline [expr {[clock milliseconds] + $timeout}]
     try {
-        while {1} {
-            append out [read $chan]
-            if {[eof $chan]} {
-                break
-            }
-            set left [expr {$deadline - [clock milliseconds]}]
-            if {$left <= 0} {
-                set timedout 1
-                killpids SIGKILL $pids
-                break
-            }
-            wait_readable $chan $left
+        lassign [read_to_eof $chan [expr {[clock milliseconds] + $timeout}]] out finished
+        if {!$finished} {
+            set timedout 1
+            killpids SIGKILL $pids
         }
     } finally {
         fconfigure $chan -blocking 1
@@ -313,18 +320,9 @@ proc ::bench::ctl_query {port} {
     set s [socket 127.0.0.1 $port]
     try {
         fconfigure $s -blocking 0
-        set data ""
-        set deadline [expr {[clock milliseconds] + 3000}]
-        while {1} {
-            append data [read $s]
-            if {[eof $s]} {
-                break
-            }
-            set left [expr {$deadline - [clock milliseconds]}]
-            if {$left <= 0} {
-                error "control port $port did not answer"
-            }
-            wait_readable $s $left
+        lassign [read_to_eof $s [expr {[clock milliseconds] + 3000}]] data finished
+        if {!$finished} {
+            error "control port $port did not answer"
         }
     } finally {
         close $s
