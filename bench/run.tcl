@@ -826,22 +826,21 @@ proc ::bench::targets {} {
     set w [med ss8 herd wakeups_per_conn]
     target "wake-ups per connection, 8 idle workers, c=1 (target 1.00 ± 0.02)" \
         $w ~ 0.02 "received/conn [fmt [med ss8 herd received_per_conn] 3]"
-    set a [med ss8 ab cpu_all]
-    set p [med plain ab cpu_all]
-    target "CPU per 1000 connections at c=32, socketserver N=8 / plain (target ≤ 1.0)" \
-        [ratio $a $p] <= 1.0 "[fmt $a] vs [fmt $p] ms"
-    set a [med ss8 herd cpu_all]
-    set p [med plain herd cpu_all]
-    target "CPU per 1000 connections at c=1, socketserver N=8 / plain (target ≤ 1.2)" \
-        [ratio $a $p] <= 1.2 "[fmt $a] vs [fmt $p] ms"
-    set a [med ss8 slow p99]
-    set p [med plain slow p99]
-    target "slow mix p99, socketserver N=8 / plain (target ≤ 0.35)" \
-        [ratio $a $p] <= 0.35 "[fmt $a] vs [fmt $p] ms"
-    set a [med ss2 wrk rps]
-    set l [med limit wrk rps]
-    target "fast req/s (wrk), socketserver N=2 / limit (target ≥ 0.9)" \
-        [ratio $a $l] >= 0.9 "[fmt $a 0] vs [fmt $l 0] req/s"
+    versus "CPU per 1000 connections at c=32, socketserver N=8 / plain (target ≤ 1.0)" \
+        ss8 plain ab cpu_all <= 1.0 ms
+    versus "CPU per 1000 connections at c=1, socketserver N=8 / plain (target ≤ 1.2)" \
+        ss8 plain herd cpu_all <= 1.2 ms
+    versus "slow mix p99, socketserver N=8 / plain (target ≤ 0.35)" \
+        ss8 plain slow p99 <= 0.35 ms
+    versus "fast req/s (wrk), socketserver N=2 / limit (target ≥ 0.9)" \
+        ss2 limit wrk rps >= 0.9 req/s 0
+}
+
+# One target line: the median of METRIC in SCENARIO for CONFIG over BASE's.
+proc ::bench::versus {text config base scenario metric op goal unit {digits {}}} {
+    set a [med $config $scenario $metric]
+    set b [med $base $scenario $metric]
+    target $text [ratio $a $b] $op $goal "[fmt $a $digits] vs [fmt $b $digits] $unit"
 }
 
 # Ctrl-C or SIGTERM: raise an error, so every finally clause runs and every
