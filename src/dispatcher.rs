@@ -369,9 +369,8 @@ impl Dispatcher {
 
     /// Answers one request; false when the thread should stop.
     fn serve_control(&mut self) -> bool {
-        let mut buf = [0u8; MAX_MESSAGE];
-        match fdpass::recv_with_fd(self.control.as_fd(), &mut buf) {
-            Ok(Received::Message(1, None)) if buf[0] == SNAPSHOT => {
+        match fdpass::recv_byte(self.control.as_fd()) {
+            Ok(Some(SNAPSHOT)) => {
                 let reply = self.snapshot().encode();
                 // The Tcl thread is waiting for it; if it has gone, there is no one to tell.
                 let _ = nix::sys::socket::send(
@@ -381,7 +380,7 @@ impl Dispatcher {
                 );
                 true
             }
-            Ok(Received::Empty) => true,
+            Err(e) if e.kind() == io::ErrorKind::WouldBlock => true,
             // STOP, the Tcl side closing, or anything unexpected from it.
             _ => false,
         }
