@@ -383,3 +383,29 @@ pub fn onclose_command(cell: &StateCell, objv: &[Obj], words: &[String]) -> CmdR
     ffi::run_when_closed(interp, &words[1], objv[2].clone())?;
     Ok(Obj::string(""))
 }
+
+/// `::socketserver::notifier ?poll|tcl?` — which notifier this process uses; `poll` switches to
+/// socketserver's (see `notifier.rs`). There is no way back: the handlers now live in it.
+pub fn notifier_command(cell: &StateCell, words: &[String]) -> CmdResult<Obj> {
+    let name = |poll: bool| Obj::string(if poll { "poll" } else { "tcl" });
+    let interp = cell.borrow().interp;
+    match words.get(1).map(String::as_str) {
+        None => {}
+        Some("poll") if words.len() == 2 => ffi::install_poll_notifier(interp),
+        Some("tcl") if words.len() == 2 && ffi::poll_notifier_installed() => {
+            return Err(CmdError::new(
+                "cannot go back to Tcl's notifier once the poll notifier is installed",
+                &["SOCKETSERVER", "NOTIFIER"],
+            ));
+        }
+        Some("tcl") if words.len() == 2 => {}
+        Some(other) if words.len() == 2 => {
+            return Err(CmdError::new(
+                format!("bad notifier \"{other}\": must be poll or tcl"),
+                &["TCL", "LOOKUP", "INDEX", "notifier", other],
+            ))
+        }
+        Some(_) => return Err(CmdError::WrongArgs { words: 1, usage: "?poll|tcl?" }),
+    }
+    Ok(name(ffi::poll_notifier_installed()))
+}

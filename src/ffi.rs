@@ -1,16 +1,21 @@
 //! The thin unsafe edge to Tcl: reference-counted objects, results and errors, command
-//! trampolines that stop panics at the border, file handlers and socket channels.
+//! trampolines that stop panics at the border, file handlers and socket channels, and the hooks
+//! that install [`notifier`] as Tcl's notifier.
 //!
 //! Everything calls the raw C API in `clib` (the bindings the `tcl` crate builds); the `tcl`
 //! crate's high-level `Obj` is never used, so nothing here calls `Tcl_FindExecutable` or
 //! otherwise touches the host interpreter's setup.
 
 use crate::args::CmdError;
+use crate::notifier::{self, Callback};
 use clib::{ClientData, Tcl_Interp, Tcl_Obj};
+use std::cell::RefCell;
 use std::ffi::{c_char, c_int, CStr, CString};
 use std::os::fd::{IntoRawFd, OwnedFd, RawFd};
 use std::panic::{catch_unwind, AssertUnwindSafe};
 use std::ptr::NonNull;
+use std::sync::atomic::{AtomicBool, Ordering::SeqCst};
+use std::time::Duration;
 
 pub const TCL_OK: c_int = clib::TCL_OK as c_int;
 pub const TCL_ERROR: c_int = clib::TCL_ERROR as c_int;
@@ -165,19 +170,168 @@ pub unsafe fn create_command(interp: *mut Tcl_Interp, name: &CStr, proc_: clib::
     clib::Tcl_CreateObjCommand(interp, name.as_ptr(), proc_, data, None);
 }
 
+thread_local! {
+    /// This thread's handlers from [`create_file_handler`], to move them when the notifier changes.
+    static OWN_HANDLERS: RefCell<Vec<(RawFd, Callback)>> = const { RefCell::new(Vec::new()) };
+}
+
 /// Calls `proc_(data, mask)` whenever `fd` becomes readable, until [`delete_file_handler`].
 ///
 /// # Safety
 /// `data` must stay valid until the handler is deleted; call from the interp's thread.
 pub unsafe fn create_file_handler(fd: RawFd, proc_: unsafe extern "C" fn(ClientData, c_int), data: ClientData) {
     clib::Tcl_CreateFileHandler(fd, clib::TCL_READABLE as c_int, Some(proc_), data);
+    let _ = OWN_HANDLERS.try_with(|own| {
+        let mut own = own.borrow_mut();
+        own.retain(|(f, _)| *f != fd);
+        own.push((fd, Callback { proc_, data }));
+    });
 }
 
 pub fn delete_file_handler(fd: RawFd) {
     // SAFETY: deleting a handler that does not exist is a no-op; it touches only this thread's
     // notifier state.
     unsafe { clib::Tcl_DeleteFileHandler(fd) };
+    let _ = OWN_HANDLERS.try_with(|own| own.borrow_mut().retain(|(f, _)| *f != fd));
 }
+
+/// Whether [`install_poll_notifier`] has run in this process (or an ancestor: it is inherited).
+static POLL_NOTIFIER: AtomicBool = AtomicBool::new(false);
+
+pub fn poll_notifier_installed() -> bool {
+    POLL_NOTIFIER.load(SeqCst)
+}
+
+/// Replaces Tcl's notifier with [`notifier`]'s, for the whole process, from now on.
+///
+/// File handlers live in the notifier, so the ones registered before are moved over where that
+/// is possible: this thread's own (from [`create_file_handler`]) and those of the channels of
+/// `interp` (each channel re-registers its interest when asked). Other C code's file handlers,
+/// and other threads', stay with Tcl's notifier and are no longer served.
+pub fn install_poll_notifier(interp: *mut Tcl_Interp) {
+    if POLL_NOTIFIER.swap(true, SeqCst) {
+        return;
+    }
+    let mut procs = clib::Tcl_NotifierProcs {
+        setTimerProc: Some(poll_set_timer),
+        waitForEventProc: Some(poll_wait_for_event),
+        createFileHandlerProc: Some(poll_create_file_handler),
+        deleteFileHandlerProc: Some(poll_delete_file_handler),
+        initNotifierProc: Some(poll_init_notifier),
+        finalizeNotifierProc: Some(poll_finalize_notifier),
+        alertNotifierProc: Some(poll_alert_notifier),
+        serviceModeHookProc: Some(poll_service_mode_hook),
+    };
+    // SAFETY: Tcl copies the table; every hook is an extern "C" function of the right type that
+    // lives as long as the library (never unloaded).
+    unsafe { clib::Tcl_SetNotifier(&mut procs) };
+    let own = OWN_HANDLERS.try_with(|own| own.borrow().clone()).unwrap_or_default();
+    for (fd, callback) in own {
+        notifier::set_handler(fd, clib::TCL_READABLE as c_int, callback);
+    }
+    rewatch_channels(interp);
+}
+
+/// Makes every channel of `interp` register its file handler again, with the current notifier:
+/// adding and removing a channel handler that wants nothing makes Tcl recompute the channel's
+/// interest and pass it to the channel driver, which creates the file handler anew.
+fn rewatch_channels(interp: *mut Tcl_Interp) {
+    // SAFETY: interp is live (the caller's command is running in it); we read the channel names
+    // from its result, then reset the result, which our command sets again when it returns.
+    unsafe {
+        if clib::Tcl_GetChannelNamesEx(interp, std::ptr::null()) != TCL_OK {
+            return;
+        }
+        let names = Obj::from_ptr(clib::Tcl_GetObjResult(interp));
+        let mut count: c_int = 0;
+        let mut items: *mut *mut Tcl_Obj = std::ptr::null_mut();
+        if clib::Tcl_ListObjGetElements(std::ptr::null_mut(), names.as_ptr(), &mut count, &mut items) == TCL_OK {
+            for i in 0..count.max(0) as usize {
+                let name = clib::Tcl_GetString(*items.add(i));
+                let chan = clib::Tcl_GetChannel(interp, name, std::ptr::null_mut());
+                if !chan.is_null() {
+                    clib::Tcl_CreateChannelHandler(chan, 0, Some(want_nothing), std::ptr::null_mut());
+                    clib::Tcl_DeleteChannelHandler(chan, Some(want_nothing), std::ptr::null_mut());
+                }
+            }
+        }
+        clib::Tcl_ResetResult(interp);
+    }
+}
+
+unsafe extern "C" fn want_nothing(_data: ClientData, _mask: c_int) {}
+
+unsafe extern "C" fn poll_set_timer(_time: *const clib::Tcl_Time) {
+    // Nothing to do: Tcl_DoOneEvent passes the time to the next timer to the wait below.
+}
+
+unsafe extern "C" fn poll_wait_for_event(time: *const clib::Tcl_Time) -> c_int {
+    // SAFETY: Tcl passes null (no limit) or a live Tcl_Time.
+    let timeout = unsafe { time.as_ref() }.map(|t| {
+        Duration::from_secs(t.sec.max(0) as u64) + Duration::from_micros(t.usec.max(0) as u64)
+    });
+    let mut queue = |fd: RawFd| {
+        let size = std::mem::size_of::<FileEvent>() as u32;
+        // SAFETY: as in queue_close_script: Tcl_Alloc'd, fully initialised, freed by Tcl after
+        // service_file_event returns 1.
+        unsafe {
+            let event = clib::Tcl_Alloc(size) as *mut FileEvent;
+            event.write(FileEvent {
+                header: clib::Tcl_Event { proc_: Some(service_file_event), nextPtr: std::ptr::null_mut() },
+                fd,
+            });
+            clib::Tcl_QueueEvent(event.cast(), clib::Tcl_QueuePosition_TCL_QUEUE_TAIL);
+        }
+    };
+    match catch_unwind(AssertUnwindSafe(|| notifier::wait(timeout, &mut queue))) {
+        Ok(Ok(())) => 0,
+        _ => -1, // Tcl_DoOneEvent then returns without an event rather than spin on the error
+    }
+}
+
+/// A queued "this fd is ready" event: the fd, not the handler, which may be gone by then.
+#[repr(C)]
+struct FileEvent {
+    header: clib::Tcl_Event,
+    fd: c_int,
+}
+
+unsafe extern "C" fn service_file_event(event: *mut clib::Tcl_Event, flags: c_int) -> c_int {
+    if flags & clib::TCL_FILE_EVENTS as c_int == 0 {
+        return 0;
+    }
+    // SAFETY: event is one of our FileEvents (queued by poll_wait_for_event).
+    let fd = unsafe { (*(event as *mut FileEvent)).fd };
+    if let Some((callback, mask)) = notifier::take_ready(fd) {
+        // SAFETY: the callback is what Tcl_CreateFileHandler was given for fd, still registered.
+        unsafe { (callback.proc_)(callback.data, mask) };
+    }
+    1
+}
+
+unsafe extern "C" fn poll_create_file_handler(fd: c_int, mask: c_int, proc_: clib::Tcl_FileProc, data: ClientData) {
+    if let Some(proc_) = proc_ {
+        notifier::set_handler(fd, mask, Callback { proc_, data });
+    }
+}
+
+unsafe extern "C" fn poll_delete_file_handler(fd: c_int) {
+    notifier::remove_handler(fd);
+}
+
+unsafe extern "C" fn poll_init_notifier() -> ClientData {
+    notifier::wake_token() as ClientData
+}
+
+unsafe extern "C" fn poll_finalize_notifier(_data: ClientData) {
+    // Nothing: a thread's state goes when the thread does.
+}
+
+unsafe extern "C" fn poll_alert_notifier(data: ClientData) {
+    notifier::alert(data as usize);
+}
+
+unsafe extern "C" fn poll_service_mode_hook(_mode: c_int) {}
 
 /// Wraps a connected TCP socket as a Tcl `sock` channel registered in `interp`; returns its name.
 pub fn register_socket_channel(interp: *mut Tcl_Interp, fd: OwnedFd) -> Option<String> {

@@ -10,6 +10,7 @@ mod dispatcher;
 mod fdpass;
 mod ffi;
 mod fork_safety;
+mod notifier;
 mod process;
 mod worker;
 
@@ -27,6 +28,7 @@ const WAIT_COMMAND: &CStr = c"::socketserver::wait";
 const KILL_COMMAND: &CStr = c"::socketserver::kill";
 const TRAP_COMMAND: &CStr = c"::socketserver::trap";
 const ONCLOSE_COMMAND: &CStr = c"::socketserver::onclose";
+const NOTIFIER_COMMAND: &CStr = c"::socketserver::notifier";
 /// The key of the per-interp state in the interp's assoc data.
 const STATE_KEY: &CStr = c"socketserver";
 
@@ -63,6 +65,7 @@ pub unsafe extern "C" fn Socketserver_Init(interp: *mut Tcl_Interp) -> c_int {
         ffi::create_command(interp, KILL_COMMAND, Some(kill_proc), state);
         ffi::create_command(interp, TRAP_COMMAND, Some(trap_proc), state);
         ffi::create_command(interp, ONCLOSE_COMMAND, Some(onclose_proc), state);
+        ffi::create_command(interp, NOTIFIER_COMMAND, Some(notifier_proc), state);
         let version = CString::new(env!("CARGO_PKG_VERSION")).expect("no NUL in a version");
         clib::Tcl_PkgProvideEx(interp, PACKAGE.as_ptr(), version.as_ptr(), std::ptr::null_mut())
     }
@@ -108,3 +111,4 @@ command_proc!(wait_proc, |_, _, words| commands::wait_command(words));
 command_proc!(kill_proc, |_, _, words| commands::kill_command(words));
 command_proc!(trap_proc, commands::trap_command);
 command_proc!(onclose_proc, commands::onclose_command);
+command_proc!(notifier_proc, |cell, _, words| commands::notifier_command(cell, words));
