@@ -14,7 +14,7 @@
 namespace eval ::socketserver::pool {
     variable counter 0
     variable running {}    ;# pools not yet stopped, all served by one SIGCHLD trap
-    variable options {-port -workers -init -maxconnections -timeout -grace -log -signals}
+    variable options {-port -workers -init -maxconnections -timeout -grace -log -signals -notifier}
     namespace export create
     namespace ensemble create -subcommands {create}
 }
@@ -24,11 +24,12 @@ proc ::socketserver::pool::create {args} {
     variable counter
     if {[llength $args] % 2 == 0} {
         return -code error -errorcode {TCL WRONGARGS} \
-            "wrong # args: should be \"::socketserver::pool create ?-port port? ?-workers n? ?-init script? ?-maxconnections n? ?-timeout ms? ?-grace ms? ?-log command? ?-signals bool? handler\""
+            "wrong # args: should be \"::socketserver::pool create ?-port port? ?-workers n? ?-init script? ?-maxconnections n? ?-timeout ms? ?-grace ms? ?-log command? ?-signals bool? ?-notifier poll|tcl? handler\""
     }
     set handler [lindex $args end]
     set config [dict create -port {} -workers 4 -init {} -maxconnections 0 -timeout 0 \
-                    -grace 5000 -log [list ::socketserver::pool::LogToStderr] -signals 0]
+                    -grace 5000 -log [list ::socketserver::pool::LogToStderr] -signals 0 \
+                    -notifier poll]
     set config [ParseOptions $config [lrange $args 0 end-1]]
     if {[dict get $config -port] eq {}} {
         dict set config -port [dict get [::socketserver::info] port]
@@ -82,6 +83,12 @@ proc ::socketserver::pool::ParseOptions {config words} {
                 if {![string is boolean -strict $value]} {
                     return -code error -errorcode {TCL VALUE BOOLEAN} \
                         "expected boolean value but got \"$value\""
+                }
+            }
+            -notifier {
+                if {$value ni {poll tcl}} {
+                    return -code error -errorcode [list TCL LOOKUP INDEX notifier $value] \
+                        "bad notifier \"$value\": must be poll or tcl"
                 }
             }
         }
@@ -441,6 +448,11 @@ proc ::socketserver::pool::Stats {name} {
 
 proc ::socketserver::pool::WorkerMain {name} {
     variable worker
+    set config [set ${name}::config]
+    # First, so that every file handler below is made in the notifier that will serve it.
+    if {[dict get $config -notifier] eq "poll"} {
+        ::socketserver::notifier poll
+    }
     # What the monitor had scheduled, trapped or opened is not the worker's business: its timers
     # and file events would run here too, and read what the monitor should.
     foreach id [after info] {
@@ -464,7 +476,6 @@ proc ::socketserver::pool::WorkerMain {name} {
     ::socketserver::trap HUP {}
     ::socketserver::trap INT {#} ;# Ctrl-C reaches the whole process group: the monitor decides
     ::socketserver::trap TERM [list ::socketserver::pool::WorkerRetire]
-    set config [set ${name}::config]
     set worker [dict create port [dict get $config -port] handler [set ${name}::handler] \
                     max [dict get $config -maxconnections] served 0 busy 0 retiring 0]
     set code 0
