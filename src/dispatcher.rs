@@ -1,12 +1,18 @@
 //! The serving side: a listener, and a thread that accepts only when a worker can take the
-//! connection, hands each one to the longest-waiting ready worker, and keeps its own copy of the
-//! fd until that worker acknowledges receipt, so a worker that dies first loses nothing.
+//! connection and hands each one to the longest-waiting ready worker.
+//!
+//! Nothing is lost if a worker dies before taking its connection: the connection waits in the
+//! worker's mailbox socket, and the dispatcher holds a reference to the worker's end of that
+//! mailbox too, so the queued message outlives the worker; when the worker's link closes, the
+//! dispatcher reads back whatever is still queued and sends it to another worker. So the
+//! dispatcher closes its copy of a connection as soon as it is sent, needs no acknowledgement,
+//! and wakes up once per connection (to accept it) when other workers are ready.
 //!
 //! The thread shares nothing with the Tcl thread but sockets: requests (`info`, `close`) arrive
 //! on a control socket. So a child forked at any moment finds no lock held by this thread; and
 //! every fd the thread owns is a [`ParentOnlyFd`], which forked children close.
 
-use crate::fdpass::{self, Received, ACK, MAX_MESSAGE, READY};
+use crate::fdpass::{self, Received, MAX_MESSAGE, READY};
 use crate::fork_safety::{CreateSection, ParentOnlyFd};
 use std::collections::VecDeque;
 use std::io;
@@ -40,7 +46,7 @@ pub struct Snapshot {
 pub struct WorkerStatus {
     pub pid: i32,
     pub state: WorkerState,
-    /// Connections it has acknowledged.
+    /// Connections it has taken from its mailbox.
     pub delivered: u64,
     /// Milliseconds since its current connection was handed over (0 unless busy).
     pub busy_ms: u64,
@@ -214,6 +220,14 @@ fn wait_readable(fd: BorrowedFd, timeout: Duration) -> io::Result<()> {
     }
 }
 
+/// True if a message waits in `sock` (FIONREAD: the bytes queued in a SOCK_SEQPACKET socket).
+fn has_message(sock: BorrowedFd) -> bool {
+    let mut size: libc::c_int = 0;
+    // SAFETY: FIONREAD writes one c_int to the live local we pass.
+    let ok = unsafe { libc::ioctl(sock.as_raw_fd(), libc::FIONREAD, &mut size) } == 0;
+    ok && size > 0
+}
+
 /// An accepted connection and the peer's address.
 #[derive(Debug)]
 struct Connection {
@@ -223,17 +237,27 @@ struct Connection {
 
 #[derive(Debug)]
 struct Worker {
-    sock: ParentOnlyFd,
+    /// Says READY; closes when the worker goes.
+    link: ParentOnlyFd,
+    /// Where connections are sent.
+    mailbox: ParentOnlyFd,
+    /// The worker's end of the mailbox: what it has not taken can be read back from here.
+    mailbox_peer: ParentOnlyFd,
     pid: i32,
     ready: bool,
     delivered: u64,
+    /// A connection was sent and not yet counted as taken.
+    sent_untaken: bool,
     /// When its current connection was handed over; None before the first or once ready again.
     busy_since: Option<Instant>,
-    /// Sent to the worker, not yet acknowledged: ours to send elsewhere if the worker dies.
-    in_flight: Option<Connection>,
 }
 
 impl Worker {
+    fn count_taken(&mut self) {
+        self.sent_untaken = false;
+        self.delivered += 1;
+    }
+
     fn status(&self) -> WorkerStatus {
         let state = match (self.ready, self.busy_since) {
             (true, _) => WorkerState::Ready,
@@ -261,6 +285,10 @@ struct Dispatcher {
     pollfds: Vec<libc::pollfd>,
     /// The worker slot behind each pollfd from index WORKERS_AT on.
     polled_workers: Vec<usize>,
+    /// The last poll did not wait for READY (see build_pollfds): some may be unread.
+    unread_ready: bool,
+    /// Scratch space for reading those (kept to spare an allocation per connection).
+    pending_pollfds: Vec<libc::pollfd>,
 }
 
 const CONTROL_AT: usize = 0;
@@ -288,6 +316,8 @@ impl Dispatcher {
             accept_paused_until: None,
             pollfds: Vec::new(),
             polled_workers: Vec::new(),
+            unread_ready: false,
+            pending_pollfds: Vec::new(),
         }
     }
 
@@ -359,10 +389,31 @@ impl Dispatcher {
         self.pollfds.push(entry(self.registrar.as_raw_fd()));
         self.pollfds.push(entry(listener));
         self.polled_workers.clear();
+        // A worker's READY matters only when no other worker is ready: until then it may wait
+        // in the socket, and this thread sleeps through it (at c=1 with N idle workers, that is
+        // one wake-up per connection fewer). Poll reports a worker that goes (POLLHUP) anyway.
+        let events = if self.ready.is_empty() { libc::POLLIN } else { 0 };
+        self.unread_ready = events == 0;
         for (slot, worker) in self.workers.iter().enumerate() {
             if let Some(worker) = worker {
-                self.pollfds.push(entry(worker.sock.as_raw_fd()));
+                self.pollfds.push(libc::pollfd { fd: worker.link.as_raw_fd(), events, revents: 0 });
                 self.polled_workers.push(slot);
+            }
+        }
+    }
+
+    /// Reads what workers have sent and this thread has not waited for (see build_pollfds), and
+    /// counts connections taken since, so that a snapshot is current.
+    fn read_pending_messages(&mut self) {
+        for slot in 0..self.workers.len() {
+            if self.workers[slot].as_ref().is_some_and(|w| !w.ready) {
+                self.serve_worker(slot);
+            }
+            if let Some(worker) = self.workers[slot].as_mut() {
+                if worker.sent_untaken && !has_message(worker.mailbox_peer.as_fd()) {
+                    worker.count_taken();
+                    self.delivered += 1;
+                }
             }
         }
     }
@@ -371,6 +422,7 @@ impl Dispatcher {
     fn serve_control(&mut self) -> bool {
         match fdpass::recv_byte(self.control.as_fd()) {
             Ok(Some(SNAPSHOT)) => {
+                self.read_pending_messages();
                 let reply = self.snapshot().encode();
                 // The Tcl thread is waiting for it; if it has gone, there is no one to tell.
                 let _ = nix::sys::socket::send(
@@ -400,17 +452,28 @@ impl Dispatcher {
         let mut buf = [0u8; MAX_MESSAGE];
         loop {
             let section = CreateSection::enter();
-            let received = fdpass::recv_with_fd(self.registrar.as_fd(), &mut buf);
-            let (len, fd) = match received {
-                Ok(Received::Message(len, Some(fd))) => (len, section.adopt(fd)),
-                Ok(Received::Message(..)) => continue, // no fd attached: not a registration
+            let (len, fds) = match fdpass::recv_with_fds(self.registrar.as_fd(), &mut buf) {
+                Ok(Received::Message(len, fds)) => (len, fds),
                 _ => return,
             };
+            let fds: io::Result<Vec<ParentOnlyFd>> = fds.into_iter().map(|fd| section.adopt(fd)).collect();
             drop(section);
-            let (Some(pid), Ok(sock)) = (fdpass::decode_registration(&buf[..len]), fd) else {
+            let (Some(pid), Ok(fds)) = (fdpass::decode_registration(&buf[..len]), fds) else {
                 continue;
             };
-            let worker = Some(Worker { sock, pid, ready: false, delivered: 0, busy_since: None, in_flight: None });
+            let Ok([link, mailbox, mailbox_peer]) = <[ParentOnlyFd; 3]>::try_from(fds) else {
+                continue; // not a registration: its fds are closed
+            };
+            let worker = Some(Worker {
+                link,
+                mailbox,
+                mailbox_peer,
+                pid,
+                ready: false,
+                delivered: 0,
+                sent_untaken: false,
+                busy_since: None,
+            });
             match self.workers.iter().position(Option::is_none) {
                 Some(free) => self.workers[free] = worker,
                 None => self.workers.push(worker),
@@ -419,43 +482,87 @@ impl Dispatcher {
     }
 
     /// Takes one message from a worker (poll reports it again if there are more: cheaper than
-    /// a receive that finds nothing).
-    fn serve_worker(&mut self, slot: usize) {
-        let Some(worker) = self.workers[slot].as_mut() else { return };
-        match fdpass::recv_byte(worker.sock.as_fd()) {
+    /// a receive that finds nothing); false if there was none.
+    fn serve_worker(&mut self, slot: usize) -> bool {
+        let Some(worker) = self.workers[slot].as_mut() else { return false };
+        match fdpass::recv_byte(worker.link.as_fd()) {
             Ok(Some(READY)) => {
                 if !worker.ready {
+                    // A worker asks again only once it has taken what it was sent.
+                    if worker.sent_untaken {
+                        worker.count_taken();
+                        self.delivered += 1;
+                    }
                     worker.ready = true;
                     worker.busy_since = None;
                     self.ready.push_back(slot);
                 }
             }
-            Ok(Some(ACK)) => {
-                if worker.in_flight.take().is_some() {
-                    worker.delivered += 1;
-                    self.delivered += 1;
-                }
-            }
-            Err(e) if e.kind() == io::ErrorKind::WouldBlock => {}
+            Err(e) if e.kind() == io::ErrorKind::WouldBlock => return false,
             // Gone, or speaking another protocol: either way no longer a worker.
-            _ => self.remove_worker(slot),
+            _ => {
+                self.remove_worker(slot);
+                return false;
+            }
+        }
+        true
+    }
+
+    /// Forgets a worker; a connection it had not taken from its mailbox goes first to the next.
+    fn remove_worker(&mut self, slot: usize) {
+        let Some(worker) = self.workers[slot].take() else { return };
+        if worker.ready {
+            self.ready.retain(|&s| s != slot);
+        }
+        let mut buf = [0u8; MAX_MESSAGE];
+        let mut untaken = Vec::new();
+        loop {
+            let section = CreateSection::enter();
+            let Ok(Received::Message(len, mut fds)) = fdpass::recv_with_fds(worker.mailbox_peer.as_fd(), &mut buf)
+            else {
+                break;
+            };
+            let (Some(fd), Some(peer)) = (fds.pop(), fdpass::decode_peer(&buf[..len])) else { continue };
+            if let Ok(fd) = section.adopt(fd) {
+                untaken.push(Connection { fd, peer });
+            }
+        }
+        for conn in untaken.into_iter().rev() {
+            self.waiting.push_front(conn);
         }
     }
 
-    /// Forgets a worker; a connection it had not acknowledged goes first to the next one.
-    fn remove_worker(&mut self, slot: usize) {
-        if let Some(worker) = self.workers[slot].take() {
-            if worker.ready {
-                self.ready.retain(|&s| s != slot);
-            }
-            if let Some(conn) = worker.in_flight {
-                self.waiting.push_front(conn);
+    /// Reads the READYs that workers sent while this thread was not waiting for them, in one
+    /// poll that does not wait, so that the ready queue is in the order workers asked.
+    fn read_unread_ready(&mut self) {
+        if !std::mem::take(&mut self.unread_ready) {
+            return;
+        }
+        let mut pending = std::mem::take(&mut self.pending_pollfds);
+        pending.clear();
+        pending.extend(self.workers.iter().flatten().filter(|w| !w.ready).map(|w| libc::pollfd {
+            fd: w.link.as_raw_fd(),
+            events: libc::POLLIN,
+            revents: 0,
+        }));
+        // SAFETY: pending is a live Vec of initialised pollfds and nfds is its length; no wait.
+        let found = unsafe { libc::poll(pending.as_mut_ptr(), pending.len() as libc::nfds_t, 0) };
+        if found > 0 {
+            for p in pending.iter().filter(|p| p.revents != 0) {
+                let slot = self.workers.iter().position(|w| w.as_ref().is_some_and(|w| w.link.as_raw_fd() == p.fd));
+                if let Some(slot) = slot {
+                    self.serve_worker(slot);
+                }
             }
         }
+        self.pending_pollfds = pending;
     }
 
     /// Hands waiting connections to ready workers, longest-waiting worker first.
     fn dispatch(&mut self) {
+        if !self.waiting.is_empty() {
+            self.read_unread_ready();
+        }
         while !self.waiting.is_empty() {
             let Some(slot) = self.ready.pop_front() else { return };
             let conn = self.waiting.pop_front().expect("checked non-empty");
@@ -463,9 +570,10 @@ impl Dispatcher {
             worker.ready = false;
             let mut payload = [0u8; MAX_MESSAGE];
             let len = fdpass::encode_peer(&conn.peer, &mut payload);
-            match fdpass::send_with_fd(worker.sock.as_fd(), &payload[..len], conn.fd.as_fd()) {
+            match fdpass::send_with_fds(worker.mailbox.as_fd(), &payload[..len], &[conn.fd.as_fd()]) {
                 Ok(()) => {
-                    worker.in_flight = Some(conn);
+                    // The message holds the connection now; our copy closes as conn drops.
+                    worker.sent_untaken = true;
                     worker.busy_since = Some(Instant::now());
                 }
                 Err(_) => {
@@ -625,6 +733,25 @@ mod tests {
         assert_eq!(reply, "saved");
         let snap = wait_for(&server, "one worker", |s| s.workers.len() == 1);
         assert_eq!((snap.accepted, snap.delivered), (1, 1));
+    }
+
+    #[test]
+    fn a_connection_taken_by_a_worker_that_dies_is_not_sent_again() {
+        let server = start(0);
+        let mut doomed = WorkerLink::register(server.registration.as_fd()).unwrap();
+        doomed.arm().unwrap();
+        let mut other = WorkerLink::register(server.registration.as_fd()).unwrap();
+        wait_for(&server, "doomed ready", |s| s.ready == 1);
+        let mut client = TcpStream::connect(server.address).unwrap();
+        let taken = receive(&mut doomed);
+        drop(doomed);
+        other.arm().unwrap();
+        wait_for(&server, "one worker, ready", |s| s.workers.len() == 1 && s.ready == 1);
+        drop(taken); // the dead worker's connection ends here, and only here
+        let mut rest = Vec::new();
+        client.read_to_end(&mut rest).unwrap();
+        assert!(rest.is_empty());
+        assert!(matches!(other.receive(), Err(e) if e.kind() == io::ErrorKind::WouldBlock));
     }
 
     #[test]

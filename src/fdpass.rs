@@ -1,10 +1,14 @@
-//! The wire between dispatcher and workers: SOCK_SEQPACKET messages, some carrying one fd.
+//! The wire between dispatcher and workers: SOCK_SEQPACKET messages, some carrying fds.
 //!
+//! A worker has two private socketpairs with the dispatcher: its link, on which it says it is
+//! ready (and whose closing says it is gone), and its mailbox, on which connections arrive.
 //! Messages (one datagram each, so boundaries hold):
-//! - worker → dispatcher, on the shared registration socket: `W` + pid (i32 LE), with the
-//!   dispatcher's end of the worker's private socketpair attached;
-//! - worker → dispatcher, on its private socket: `R` (ready for one connection), `A` (received it);
-//! - dispatcher → worker, on the private socket: the peer address, with the client fd attached.
+//! - worker → dispatcher, on the shared registration socket: `W` + pid (i32 LE), with three fds
+//!   attached: the dispatcher's end of the link, the dispatcher's end of the mailbox, and the
+//!   worker's own end of the mailbox (see `dispatcher`: it is how an undelivered connection
+//!   survives its worker);
+//! - worker → dispatcher, on the link: `R` (ready for one connection);
+//! - dispatcher → worker, on the mailbox: the peer address, with the client fd attached.
 //!
 //! Also here: the listener and `accept4`, since both deal in socket addresses.
 
@@ -18,8 +22,9 @@ use std::net::{IpAddr, Ipv4Addr, Ipv6Addr, SocketAddr, SocketAddrV4, SocketAddrV
 use std::os::fd::{AsRawFd, BorrowedFd, FromRawFd, OwnedFd, RawFd};
 
 pub const READY: u8 = b'R';
-pub const ACK: u8 = b'A';
 const REGISTER: u8 = b'W';
+/// The most fds one message carries: a registration's.
+pub const MAX_FDS: usize = 3;
 
 /// Longest message: a registration (5 bytes) or an IPv6 peer (1 + 2 + 16).
 pub const MAX_MESSAGE: usize = 19;
@@ -67,9 +72,9 @@ pub fn decode_peer(bytes: &[u8]) -> Option<SocketAddr> {
     }
 }
 
-/// Sends one message with `fd` attached. Never blocks and never raises SIGPIPE.
-pub fn send_with_fd(sock: BorrowedFd, payload: &[u8], fd: BorrowedFd) -> io::Result<()> {
-    let fds = [fd.as_raw_fd()];
+/// Sends one message with `fds` attached. Never blocks and never raises SIGPIPE.
+pub fn send_with_fds(sock: BorrowedFd, payload: &[u8], fds: &[BorrowedFd]) -> io::Result<()> {
+    let fds: Vec<RawFd> = fds.iter().map(|fd| fd.as_raw_fd()).collect();
     let cmsg = [ControlMessage::ScmRights(&fds)];
     let flags = MsgFlags::MSG_DONTWAIT | MsgFlags::MSG_NOSIGNAL;
     sendmsg::<()>(sock.as_raw_fd(), &[IoSlice::new(payload)], &cmsg, flags, None)
@@ -99,17 +104,18 @@ pub fn recv_byte(sock: BorrowedFd) -> io::Result<Option<u8>> {
 /// What one non-blocking receive found.
 #[derive(Debug)]
 pub enum Received {
-    /// A message of this many bytes, with the fd it carried, if any.
-    Message(usize, Option<OwnedFd>),
+    /// A message of this many bytes, with the fds it carried.
+    Message(usize, Vec<OwnedFd>),
     /// The peer has closed its end.
     Closed,
     /// Nothing to read now.
     Empty,
 }
 
-/// Receives one message and the fd it may carry, made close-on-exec by the kernel.
-pub fn recv_with_fd(sock: BorrowedFd, buf: &mut [u8]) -> io::Result<Received> {
-    let mut cmsg_space = nix::cmsg_space!([RawFd; 1]);
+/// Receives one message and the fds it may carry (at most [`MAX_FDS`]), made close-on-exec by
+/// the kernel.
+pub fn recv_with_fds(sock: BorrowedFd, buf: &mut [u8]) -> io::Result<Received> {
+    let mut cmsg_space = nix::cmsg_space!([RawFd; MAX_FDS]);
     let mut iov = [IoSliceMut::new(buf)];
     let flags = MsgFlags::MSG_DONTWAIT | MsgFlags::MSG_CMSG_CLOEXEC;
     let msg = match recvmsg::<()>(sock.as_raw_fd(), &mut iov, Some(&mut cmsg_space), flags) {
@@ -127,14 +133,14 @@ pub fn recv_with_fd(sock: BorrowedFd, buf: &mut [u8]) -> io::Result<Received> {
         }
     }
     let (len, truncated) = (msg.bytes, msg.flags.intersects(MsgFlags::MSG_CTRUNC | MsgFlags::MSG_TRUNC));
-    if truncated || fds.len() > 1 {
+    if truncated {
         // Not a message of ours: the fds received are closed as `fds` drops.
         return Err(io::Error::new(io::ErrorKind::InvalidData, "malformed message"));
     }
     if len == 0 && fds.is_empty() {
         return Ok(Received::Closed);
     }
-    Ok(Received::Message(len, fds.pop()))
+    Ok(Received::Message(len, fds))
 }
 
 pub fn encode_registration(pid: i32) -> [u8; 5] {
@@ -242,29 +248,48 @@ mod tests {
     fn an_fd_travels_with_its_message_and_arrives_cloexec() {
         let (a, b) = seqpacket_pair().unwrap();
         let (tx, rx) = seqpacket_pair().unwrap();
-        send_with_fd(a.as_fd(), b"hello", tx.as_fd()).unwrap();
+        send_with_fds(a.as_fd(), b"hello", &[tx.as_fd()]).unwrap();
         send_byte(a.as_fd(), READY).unwrap();
         let mut buf = [0; MAX_MESSAGE];
-        let Received::Message(len, Some(fd)) = recv_with_fd(b.as_fd(), &mut buf).unwrap() else {
-            panic!("expected a message with an fd")
+        let Received::Message(len, mut fds) = recv_with_fds(b.as_fd(), &mut buf).unwrap() else {
+            panic!("expected a message")
         };
+        let fd = fds.pop().expect("an fd");
         assert_eq!(&buf[..len], b"hello");
         // SAFETY: F_GETFD only reads the fd's flags.
         let flags = unsafe { libc::fcntl(fd.as_raw_fd(), libc::F_GETFD) };
         assert_eq!(flags & libc::FD_CLOEXEC, libc::FD_CLOEXEC);
         // The received fd is the same socket: what goes in one end comes out of rx.
         send_byte(fd.as_fd(), b'x').unwrap();
-        let Received::Message(1, None) = recv_with_fd(rx.as_fd(), &mut buf).unwrap() else {
+        let Received::Message(1, fds) = recv_with_fds(rx.as_fd(), &mut buf).unwrap() else {
             panic!("expected one byte")
         };
+        assert!(fds.is_empty());
         assert_eq!(buf[0], b'x');
         // Boundaries hold: the next message is the one-byte READY, then nothing, then EOF.
         assert_eq!(recv_byte(b.as_fd()).unwrap(), Some(READY));
-        assert!(matches!(recv_with_fd(b.as_fd(), &mut buf).unwrap(), Received::Empty));
+        assert!(matches!(recv_with_fds(b.as_fd(), &mut buf).unwrap(), Received::Empty));
         assert_eq!(recv_byte(b.as_fd()).unwrap_err().kind(), io::ErrorKind::WouldBlock);
         drop(a);
-        assert!(matches!(recv_with_fd(b.as_fd(), &mut buf).unwrap(), Received::Closed));
+        assert!(matches!(recv_with_fds(b.as_fd(), &mut buf).unwrap(), Received::Closed));
         assert_eq!(recv_byte(b.as_fd()).unwrap(), None);
+    }
+
+    #[test]
+    fn a_message_carries_up_to_three_fds_in_order() {
+        let (a, b) = seqpacket_pair().unwrap();
+        let pairs: Vec<_> = (0..MAX_FDS).map(|_| seqpacket_pair().unwrap()).collect();
+        let sent: Vec<BorrowedFd> = pairs.iter().map(|(x, _)| x.as_fd()).collect();
+        send_with_fds(a.as_fd(), b"W", &sent).unwrap();
+        let mut buf = [0; MAX_MESSAGE];
+        let Received::Message(1, fds) = recv_with_fds(b.as_fd(), &mut buf).unwrap() else {
+            panic!("expected a message")
+        };
+        assert_eq!(fds.len(), MAX_FDS);
+        for (i, (fd, (_, peer))) in fds.iter().zip(&pairs).enumerate() {
+            send_byte(fd.as_fd(), i as u8).unwrap();
+            assert_eq!(recv_byte(peer.as_fd()).unwrap(), Some(i as u8));
+        }
     }
 
     #[test]

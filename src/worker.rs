@@ -1,8 +1,8 @@
-//! The worker side of the wire: one private socket to the dispatcher, over which the worker says
-//! it is ready and receives one connection at a time. No Tcl here; `tclcmd` wires it to the
-//! event loop.
+//! The worker side of the wire: a private link to the dispatcher, on which the worker says it is
+//! ready, and a private mailbox, on which it receives one connection at a time. No Tcl here;
+//! `commands` wires it to the event loop.
 
-use crate::fdpass::{self, Received, ACK, MAX_MESSAGE, READY};
+use crate::fdpass::{self, Received, MAX_MESSAGE, READY};
 use std::io;
 use std::net::{Ipv4Addr, SocketAddr};
 use std::os::fd::{AsFd, AsRawFd, BorrowedFd, OwnedFd, RawFd};
@@ -21,19 +21,23 @@ pub struct Delivery {
 /// This process's registration with one dispatcher.
 #[derive(Debug)]
 pub struct WorkerLink {
-    sock: OwnedFd,
+    link: OwnedFd,
+    mailbox: OwnedFd,
     armed: bool,
     generation: u64,
 }
 
 impl WorkerLink {
-    /// Creates a private socketpair and hands the dispatcher its end, with our pid.
+    /// Creates the link and the mailbox and hands the dispatcher its ends (and a reference to
+    /// our end of the mailbox), with our pid.
     pub fn register(registration: BorrowedFd) -> io::Result<WorkerLink> {
-        let (sock, dispatcher_end) = fdpass::seqpacket_pair()?;
+        let (link, dispatcher_link) = fdpass::seqpacket_pair()?;
+        let (mailbox, dispatcher_mailbox) = fdpass::seqpacket_pair()?;
         let message = fdpass::encode_registration(std::process::id() as i32);
+        let fds = [dispatcher_link.as_fd(), dispatcher_mailbox.as_fd(), mailbox.as_fd()];
         let deadline = std::time::Instant::now() + REGISTER_TIMEOUT;
         loop {
-            match fdpass::send_with_fd(registration, &message, dispatcher_end.as_fd()) {
+            match fdpass::send_with_fds(registration, &message, &fds) {
                 Err(e) if e.kind() == io::ErrorKind::WouldBlock => {
                     let left = deadline.saturating_duration_since(std::time::Instant::now());
                     if left.is_zero() {
@@ -44,7 +48,7 @@ impl WorkerLink {
                 sent => break sent?,
             }
         }
-        Ok(WorkerLink { sock, armed: false, generation: crate::fork_safety::generation() })
+        Ok(WorkerLink { link, mailbox, armed: false, generation: crate::fork_safety::generation() })
     }
 
     /// True in a forked child of the process that registered: the dispatcher knows the parent.
@@ -59,27 +63,25 @@ impl WorkerLink {
     /// Asks for one connection; asking again before it arrives changes nothing.
     pub fn arm(&mut self) -> io::Result<()> {
         if !self.armed {
-            fdpass::send_byte(self.sock.as_fd(), READY)?;
+            fdpass::send_byte(self.link.as_fd(), READY)?;
             self.armed = true;
         }
         Ok(())
     }
 
-    /// Takes the connection if one has arrived, and acknowledges it so the dispatcher lets go of
-    /// its copy. `Ok(None)`: the server has closed. `WouldBlock`: nothing yet.
+    /// Takes the connection if one has arrived. `Ok(None)`: the server has closed.
+    /// `WouldBlock`: nothing yet.
     pub fn receive(&mut self) -> io::Result<Option<Delivery>> {
         let mut buf = [0u8; MAX_MESSAGE];
         loop {
-            match fdpass::recv_with_fd(self.sock.as_fd(), &mut buf)? {
-                Received::Message(len, Some(fd)) => {
+            match fdpass::recv_with_fds(self.mailbox.as_fd(), &mut buf)? {
+                Received::Message(len, mut fds) if fds.len() == 1 => {
                     self.armed = false;
-                    // If the dispatcher has gone it needs no ACK; the connection is ours anyway.
-                    let _ = fdpass::send_byte(self.sock.as_fd(), ACK);
                     let unspecified = SocketAddr::new(Ipv4Addr::UNSPECIFIED.into(), 0);
                     let peer = fdpass::decode_peer(&buf[..len]).unwrap_or(unspecified);
-                    return Ok(Some(Delivery { fd, peer }));
+                    return Ok(Some(Delivery { fd: fds.pop().expect("one fd"), peer }));
                 }
-                Received::Message(_, None) => continue,
+                Received::Message(..) => continue, // not a delivery: its fds (if any) are closed
                 Received::Closed => {
                     self.armed = false;
                     return Ok(None);
@@ -90,14 +92,16 @@ impl WorkerLink {
     }
 }
 
+/// The fd to watch: the mailbox, which is readable when a connection has arrived and at its end
+/// when the server has closed.
 impl AsFd for WorkerLink {
     fn as_fd(&self) -> BorrowedFd<'_> {
-        self.sock.as_fd()
+        self.mailbox.as_fd()
     }
 }
 
 impl AsRawFd for WorkerLink {
     fn as_raw_fd(&self) -> RawFd {
-        self.sock.as_raw_fd()
+        self.mailbox.as_raw_fd()
     }
 }
