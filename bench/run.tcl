@@ -1,6 +1,6 @@
 # bench/run.tcl -- the driver of `make bench` (issue 3).
 #
-#   TCLLIBPATH=/path/to/build tclsh bench/run.tcl ?-quick? ?-runs N?
+#   TCLLIBPATH=/path/to/build tclsh bench/run.tcl ?-quick? ?-runs N? ?-configs LIST?
 #
 # Needs: the built package (make all), the `limit` example
 # (cargo build --release --example limit), Tclx, ab and wrk.
@@ -14,9 +14,13 @@
 # Handlers (bench/http.tcl; same work, same answer): plain uses the
 # fileevent-driven one (one process must not block on a client); socketserver
 # workers use the synchronous one (a worker serves one connection at a time,
-# so its users write handlers that way, and it saves the fileevent wake-ups,
-# each a round trip through Tcl 8.6's notifier thread).  The full run adds
-# ss8fe: socketserver N=8 with the fileevent handler, to show that cost.
+# so its users write handlers that way, and it saves the fileevent wake-ups).
+# Notifiers: socketserver workers switch to the package's poll notifier
+# (::socketserver::notifier poll), as pool workers do; plain runs stock Tcl,
+# as Tcl users do today.  The full run adds ss8tcl: N=8 workers that keep Tcl
+# 8.6's own notifier, whose every wake-up is a round trip through its
+# notifier thread, to show what the poll notifier saves.  -configs picks
+# others, e.g. ssNfe (the fileevent handler).
 #
 # Scenarios, all on 127.0.0.1, each client bounded in time:
 #   herd  ab -n HERD -c 1: sequential connections to idle workers -> wake-ups
@@ -234,10 +238,12 @@ proc ::bench::start {name ncores} {
             set cmd [list $tclsh [file join $here plain_server.tcl]]
         }
         ss* {
-            # ssN: N workers, synchronous handler; ssNfe: fileevent handler.
-            regexp {^ss(\d+)(fe)?$} $name -> n fe
+            # ssN: N workers, synchronous handler, poll notifier; ssNfe:
+            # fileevent handler; ssNtcl: Tcl's own notifier.
+            regexp {^ss(\d+)(fe|tcl)?$} $name -> n variant
             set cmd [list $tclsh [file join $here ss_server.tcl] -workers $n \
-                    -handler [expr {$fe eq "" ? "sync" : "fileevent"}]]
+                    -handler [expr {$variant eq "fe" ? "fileevent" : "sync"}] \
+                    -notifier [expr {$variant eq "tcl" ? "tcl" : "poll"}]]
         }
         limit {
             set cmd [list [file join $root target release examples limit] 0 $ncores]
@@ -553,8 +559,9 @@ proc ::bench::table {title header configs columns} {
 }
 
 proc ::bench::label {config} {
-    if {[regexp {^ss(\d+)(fe)?$} $config -> n fe]} {
-        return "socketserver N=$n[expr {$fe eq "" ? "" : " (fileevent handler)"}]"
+    if {[regexp {^ss(\d+)(fe|tcl)?$} $config -> n variant]} {
+        set what [dict get {{} {} fe { (fileevent handler)} tcl { (Tcl's notifier)}} $variant]
+        return "socketserver N=$n$what"
     }
     return $config
 }
@@ -648,6 +655,7 @@ proc ::bench::main {argv} {
 
     set quick 0
     set runs 3
+    set only {}
     for {set i 0} {$i < [llength $argv]} {incr i} {
         set opt [lindex $argv $i]
         switch -- $opt {
@@ -658,7 +666,15 @@ proc ::bench::main {argv} {
                     error "-runs needs an integer >= 3"
                 }
             }
-            default {error "usage: run.tcl ?-quick? ?-runs N?"}
+            -configs {
+                set only [lindex $argv [incr i]]
+                foreach c $only {
+                    if {![regexp {^(plain|limit|ss\d+(fe|tcl)?)$} $c]} {
+                        error "-configs: unknown configuration \"$c\""
+                    }
+                }
+            }
+            default {error "usage: run.tcl ?-quick? ?-runs N? ?-configs LIST?"}
         }
     }
     if {$quick} {
@@ -666,7 +682,10 @@ proc ::bench::main {argv} {
                 configs {plain ss2 ss8 limit}]
     } else {
         set cfg [dict create abn 20000 wrkd 10 slowd 4 herd 2000 warm 500 \
-                configs {plain ss1 ss2 ss4 ss8 ss8fe limit}]
+                configs {plain ss1 ss2 ss4 ss8 ss8tcl limit}]
+    }
+    if {[llength $only]} {
+        dict set cfg configs $only
     }
     set configs [dict get $cfg configs]
 

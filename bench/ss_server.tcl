@@ -35,6 +35,7 @@ namespace eval ::ss {
     variable port 0
     variable workers {}
     variable handler ::bench::accept_sync
+    variable notifier poll
 }
 
 # The control listener: one line of stats per connection.
@@ -55,6 +56,8 @@ proc ::ss::control_accept {chan ip peerport} {
 
 proc ::ss::worker {} {
     variable port
+    variable notifier
+    ::socketserver::notifier $notifier
     set ctl [control]
     puts "worker [pid] ctl $ctl"
     flush stdout
@@ -94,8 +97,9 @@ proc ::ss::main {argv} {
     variable port
     variable workers
     variable handler
-    set usage "usage: ss_server.tcl ?-workers N? ?-port PORT? ?-queue Q? ?-handler sync|fileevent?"
-    array set opt {-workers 2 -port 0 -queue 0 -handler sync}
+    variable notifier
+    set usage "usage: ss_server.tcl ?-workers N? ?-port PORT? ?-queue Q? ?-handler sync|fileevent? ?-notifier poll|tcl?"
+    array set opt {-workers 2 -port 0 -queue 0 -handler sync -notifier poll}
     if {[llength $argv] % 2} {
         error $usage
     }
@@ -110,6 +114,10 @@ proc ::ss::main {argv} {
         fileevent {set handler ::bench::accept}
         default {error $usage}
     }
+    if {$opt(-notifier) ni {poll tcl}} {
+        error $usage
+    }
+    set notifier $opt(-notifier)
     set port [::socketserver::socket server -myaddr 127.0.0.1 -queue $opt(-queue) $opt(-port)]
     flush stdout
     for {set i 0} {$i < $opt(-workers)} {incr i} {
