@@ -9,7 +9,7 @@
 # closed (::socketserver::onclose), so both synchronous and fileevent-driven handlers work without
 # re-arming by hand. A worker that is told to retire (SIGTERM) finishes its current connection
 # and exits; an idle one exits at once, and a connection the dispatcher had already sent it goes
-# to another worker (the dispatcher keeps every connection until a worker acknowledges it).
+# to another worker (the dispatcher reads back a connection that a worker had not taken).
 
 namespace eval ::socketserver::pool {
     variable counter 0
