@@ -43,6 +43,7 @@ needs=(
     "tcl-dev        pkg"             # tcl.pc (clib also looks for that name)
     "tcl            cmd:tclsh"       # tclsh for the tests, demo and examples
     "tclx8.4        pkg"             # Tclx fork/wait/kill/signal used by tests and examples
+    "tcl-thread     pkg"             # the Thread package: tests of the poll notifier with threads
     "curl           cmd:curl"        # the demo's suggested client; used by tests
     "procps         cmd:ps"          # tests check for left-over children with ps
     "apache2-utils  cmd:ab"          # load in the pool tests; the benchmark
