@@ -76,6 +76,7 @@ extern "C" fn child() {
     CREATING.store(0, SeqCst);
     FORKING.store(0, SeqCst);
     GENERATION.fetch_add(1, SeqCst);
+    // The forking thread held no section (prepare waited them out), so its DEPTH is 0 already.
 }
 
 /// Which process of a fork lineage this is: state created under one generation and found under
@@ -84,11 +85,21 @@ pub fn generation() -> u64 {
     GENERATION.load(SeqCst)
 }
 
+thread_local! {
+    /// Sections this thread has open: only the outermost counts in CREATING, so that a nested
+    /// one (a ParentOnlyFd dropped inside a section) never waits for a fork that waits for us.
+    static DEPTH: std::cell::Cell<usize> = const { std::cell::Cell::new(0) };
+}
+
 /// While alive, no fork can happen between creating an fd and marking it.
 pub struct CreateSection(());
 
 impl CreateSection {
     pub fn enter() -> CreateSection {
+        let depth = DEPTH.with(|d| d.replace(d.get() + 1));
+        if depth > 0 {
+            return CreateSection(());
+        }
         loop {
             CREATING.fetch_add(1, SeqCst);
             if FORKING.load(SeqCst) == 0 {
@@ -118,7 +129,9 @@ impl CreateSection {
 
 impl Drop for CreateSection {
     fn drop(&mut self) {
-        CREATING.fetch_sub(1, SeqCst);
+        if DEPTH.with(|d| d.replace(d.get() - 1)) == 1 {
+            CREATING.fetch_sub(1, SeqCst);
+        }
     }
 }
 
@@ -191,6 +204,21 @@ mod tests {
         drop(a);
         assert!(!is_marked(raw));
         assert!(!is_open(raw));
+    }
+
+    #[test]
+    fn a_nested_section_does_not_wait_for_a_fork_that_waits_for_the_outer_one() {
+        let (done, finished) = std::sync::mpsc::channel();
+        std::thread::spawn(move || {
+            let outer = CreateSection::enter();
+            FORKING.fetch_add(1, SeqCst); // as a fork's prepare handler does, then waits for us
+            let inner = CreateSection::enter();
+            drop(inner);
+            FORKING.fetch_sub(1, SeqCst);
+            drop(outer);
+            done.send(()).unwrap();
+        });
+        finished.recv_timeout(std::time::Duration::from_secs(5)).expect("no deadlock");
     }
 
     #[test]
