@@ -169,9 +169,9 @@ fn client(cell: &StateCell, state: &mut InterpState, port: Option<u16>, handler:
             }
         };
         let target = Box::new(HandlerTarget { state: cell, port });
-        // The link is watched for as long as the slot lives, armed or not: the dispatcher sends
-        // nothing unasked, so an unarmed link wakes us only when the server closes, and no
-        // connection pays for changing the notifier's set of fds.
+        // The mailbox is watched for as long as the slot lives, armed or not: the dispatcher
+        // sends nothing unasked, so an unarmed mailbox wakes us only when the server closes, and
+        // no connection pays for changing the notifier's set of fds.
         let data = &*target as *const HandlerTarget as ClientData;
         // SAFETY: the target lives in the slot, whose removal deletes this handler first.
         unsafe { ffi::create_file_handler(link.as_raw_fd(), on_readable, data) };
@@ -262,6 +262,19 @@ fn deliver(cell: &StateCell, port: u16) {
                 (interp, slot.handler.take(), delivery)
             }
             Err(err) if err.kind() == io::ErrorKind::WouldBlock => return,
+            Err(err) if err.raw_os_error() == Some(libc::EMFILE) => {
+                // The connection came, but this process had no fd for it, so the kernel closed
+                // it. Say so, and ask for the next one with the same handler.
+                if slot.link.arm().is_err() {
+                    return state.remove_slot(port);
+                }
+                drop(state);
+                if !ffi::interp_deleted(interp) {
+                    let prefix = format!("socketserver on port {port}: a connection was dropped");
+                    ffi::background_error(interp, posix(&prefix, err));
+                }
+                return;
+            }
             // The server has closed: armed workers are simply never called.
             _ => return state.remove_slot(port),
         }
@@ -391,7 +404,7 @@ pub fn notifier_command(cell: &StateCell, words: &[String]) -> CmdResult<Obj> {
     let interp = cell.borrow().interp;
     match words.get(1).map(String::as_str) {
         None => {}
-        Some("poll") if words.len() == 2 => ffi::install_poll_notifier(interp),
+        Some("poll") if words.len() == 2 => ffi::install_poll_notifier(interp)?,
         Some("tcl") if words.len() == 2 && ffi::poll_notifier_installed() => {
             return Err(CmdError::new(
                 "cannot go back to Tcl's notifier once the poll notifier is installed",

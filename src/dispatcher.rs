@@ -12,7 +12,7 @@
 //! on a control socket. So a child forked at any moment finds no lock held by this thread; and
 //! every fd the thread owns is a [`ParentOnlyFd`], which forked children close.
 
-use crate::fdpass::{self, Received, MAX_MESSAGE, READY};
+use crate::fdpass::{self, Received, MAX_MESSAGE};
 use crate::fork_safety::{CreateSection, ParentOnlyFd};
 use std::collections::VecDeque;
 use std::io;
@@ -171,7 +171,7 @@ impl Server {
         // A reply that came after an earlier request timed out must not answer this one.
         let stale = nix::sys::socket::MsgFlags::MSG_DONTWAIT;
         while nix::sys::socket::recv(self.control.as_raw_fd(), &mut buf, stale).is_ok_and(|n| n > 0) {}
-        fdpass::send_byte(self.control.as_fd(), SNAPSHOT)?;
+        fdpass::send_message(self.control.as_fd(), &[SNAPSHOT])?;
         wait_readable(self.control.as_fd(), REQUEST_TIMEOUT)?;
         let len = nix::sys::socket::recv(self.control.as_raw_fd(), &mut buf, nix::sys::socket::MsgFlags::empty())
             .map_err(|e| io::Error::from_raw_os_error(e as i32))?;
@@ -192,7 +192,7 @@ impl Drop for Server {
             return;
         }
         // A send error means the thread has already ended; joining is then immediate.
-        let _ = fdpass::send_byte(self.control.as_fd(), STOP);
+        let _ = fdpass::send_message(self.control.as_fd(), &[STOP]);
         if let Some(thread) = self.thread.take() {
             let _ = thread.join();
         }
@@ -253,11 +253,6 @@ struct Worker {
 }
 
 impl Worker {
-    fn count_taken(&mut self) {
-        self.sent_untaken = false;
-        self.delivered += 1;
-    }
-
     fn status(&self) -> WorkerStatus {
         let state = match (self.ready, self.busy_since) {
             (true, _) => WorkerState::Ready,
@@ -275,8 +270,8 @@ struct Dispatcher {
     control: ParentOnlyFd,
     queue_limit: usize,
     workers: Vec<Option<Worker>>,
-    /// Ready workers, longest-waiting first.
-    ready: VecDeque<usize>,
+    /// Ready workers and when they asked, longest-waiting first.
+    ready: VecDeque<(u64, usize)>,
     /// Accepted connections waiting for a ready worker.
     waiting: VecDeque<Connection>,
     accepted: u64,
@@ -288,7 +283,7 @@ struct Dispatcher {
     /// The last poll did not wait for READY (see build_pollfds): some may be unread.
     unread_ready: bool,
     /// Scratch space for reading those (kept to spare an allocation per connection).
-    pending_pollfds: Vec<libc::pollfd>,
+    unread_pollfds: Vec<libc::pollfd>,
 }
 
 const CONTROL_AT: usize = 0;
@@ -317,7 +312,7 @@ impl Dispatcher {
             pollfds: Vec::new(),
             polled_workers: Vec::new(),
             unread_ready: false,
-            pending_pollfds: Vec::new(),
+            unread_pollfds: Vec::new(),
         }
     }
 
@@ -402,18 +397,23 @@ impl Dispatcher {
         }
     }
 
-    /// Reads what workers have sent and this thread has not waited for (see build_pollfds), and
-    /// counts connections taken since, so that a snapshot is current.
-    fn read_pending_messages(&mut self) {
+    /// Brings the counters up to date for a snapshot: reads READYs not waited for, and counts
+    /// the connections that workers have taken from their mailboxes since.
+    fn catch_up(&mut self) {
+        self.read_unread_ready();
         for slot in 0..self.workers.len() {
-            if self.workers[slot].as_ref().is_some_and(|w| !w.ready) {
-                self.serve_worker(slot);
+            if self.workers[slot].as_ref().is_some_and(|w| w.sent_untaken && !has_message(w.mailbox_peer.as_fd())) {
+                self.note_taken(slot);
             }
-            if let Some(worker) = self.workers[slot].as_mut() {
-                if worker.sent_untaken && !has_message(worker.mailbox_peer.as_fd()) {
-                    worker.count_taken();
-                    self.delivered += 1;
-                }
+        }
+    }
+
+    /// Counts the connection sent to a worker as taken.
+    fn note_taken(&mut self, slot: usize) {
+        if let Some(worker) = self.workers[slot].as_mut() {
+            if std::mem::take(&mut worker.sent_untaken) {
+                worker.delivered += 1;
+                self.delivered += 1;
             }
         }
     }
@@ -422,7 +422,7 @@ impl Dispatcher {
     fn serve_control(&mut self) -> bool {
         match fdpass::recv_byte(self.control.as_fd()) {
             Ok(Some(SNAPSHOT)) => {
-                self.read_pending_messages();
+                self.catch_up();
                 let reply = self.snapshot().encode();
                 // The Tcl thread is waiting for it; if it has gone, there is no one to tell.
                 let _ = nix::sys::socket::send(
@@ -482,37 +482,37 @@ impl Dispatcher {
     }
 
     /// Takes one message from a worker (poll reports it again if there are more: cheaper than
-    /// a receive that finds nothing); false if there was none.
-    fn serve_worker(&mut self, slot: usize) -> bool {
-        let Some(worker) = self.workers[slot].as_mut() else { return false };
-        match fdpass::recv_byte(worker.link.as_fd()) {
-            Ok(Some(READY)) => {
+    /// a receive that finds nothing).
+    fn serve_worker(&mut self, slot: usize) {
+        let Some(worker) = self.workers[slot].as_mut() else { return };
+        match fdpass::recv_ready(worker.link.as_fd()) {
+            Ok(Some(asked_ns)) => {
                 if !worker.ready {
-                    // A worker asks again only once it has taken what it was sent.
-                    if worker.sent_untaken {
-                        worker.count_taken();
-                        self.delivered += 1;
-                    }
                     worker.ready = true;
                     worker.busy_since = None;
-                    self.ready.push_back(slot);
+                    // First come, first served by when they asked, also among READYs read in
+                    // one go (the ready queue is short: at most one entry per worker).
+                    let at = self.ready.partition_point(|&(t, _)| t <= asked_ns);
+                    self.ready.insert(at, (asked_ns, slot));
+                    // A worker asks again only once it has taken what it was sent.
+                    self.note_taken(slot);
                 }
             }
-            Err(e) if e.kind() == io::ErrorKind::WouldBlock => return false,
+            Err(e) if e.kind() == io::ErrorKind::WouldBlock => {}
             // Gone, or speaking another protocol: either way no longer a worker.
-            _ => {
-                self.remove_worker(slot);
-                return false;
-            }
+            _ => self.remove_worker(slot),
         }
-        true
     }
 
     /// Forgets a worker; a connection it had not taken from its mailbox goes first to the next.
     fn remove_worker(&mut self, slot: usize) {
+        // It may have taken its last connection and left without asking again.
+        if self.workers[slot].as_ref().is_some_and(|w| !has_message(w.mailbox_peer.as_fd())) {
+            self.note_taken(slot);
+        }
         let Some(worker) = self.workers[slot].take() else { return };
         if worker.ready {
-            self.ready.retain(|&s| s != slot);
+            self.ready.retain(|&(_, s)| s != slot);
         }
         let mut buf = [0u8; MAX_MESSAGE];
         let mut untaken = Vec::new();
@@ -532,39 +532,36 @@ impl Dispatcher {
         }
     }
 
-    /// Reads the READYs that workers sent while this thread was not waiting for them, in one
-    /// poll that does not wait, so that the ready queue is in the order workers asked.
+    /// Reads the READYs that workers sent while this thread was not waiting for them (see
+    /// build_pollfds), with one poll that does not wait.
     fn read_unread_ready(&mut self) {
-        if !std::mem::take(&mut self.unread_ready) {
-            return;
-        }
-        let mut pending = std::mem::take(&mut self.pending_pollfds);
-        pending.clear();
-        pending.extend(self.workers.iter().flatten().filter(|w| !w.ready).map(|w| libc::pollfd {
+        let mut unread = std::mem::take(&mut self.unread_pollfds);
+        unread.clear();
+        unread.extend(self.workers.iter().flatten().filter(|w| !w.ready).map(|w| libc::pollfd {
             fd: w.link.as_raw_fd(),
             events: libc::POLLIN,
             revents: 0,
         }));
-        // SAFETY: pending is a live Vec of initialised pollfds and nfds is its length; no wait.
-        let found = unsafe { libc::poll(pending.as_mut_ptr(), pending.len() as libc::nfds_t, 0) };
+        // SAFETY: unread is a live Vec of initialised pollfds and nfds is its length; no wait.
+        let found = unsafe { libc::poll(unread.as_mut_ptr(), unread.len() as libc::nfds_t, 0) };
         if found > 0 {
-            for p in pending.iter().filter(|p| p.revents != 0) {
+            for p in unread.iter().filter(|p| p.revents != 0) {
                 let slot = self.workers.iter().position(|w| w.as_ref().is_some_and(|w| w.link.as_raw_fd() == p.fd));
                 if let Some(slot) = slot {
                     self.serve_worker(slot);
                 }
             }
         }
-        self.pending_pollfds = pending;
+        self.unread_pollfds = unread;
     }
 
     /// Hands waiting connections to ready workers, longest-waiting worker first.
     fn dispatch(&mut self) {
-        if !self.waiting.is_empty() {
+        if !self.waiting.is_empty() && std::mem::take(&mut self.unread_ready) {
             self.read_unread_ready();
         }
         while !self.waiting.is_empty() {
-            let Some(slot) = self.ready.pop_front() else { return };
+            let Some((_, slot)) = self.ready.pop_front() else { return };
             let conn = self.waiting.pop_front().expect("checked non-empty");
             let worker = self.workers[slot].as_mut().expect("ready workers exist");
             worker.ready = false;
@@ -722,7 +719,7 @@ mod tests {
         wait_for(&server, "doomed ready", |s| s.ready == 1);
         let mut client = TcpStream::connect(server.address).unwrap();
         wait_readable(doomed.as_fd(), Duration::from_secs(5)).unwrap();
-        drop(doomed); // dies holding the message, without acknowledging it
+        drop(doomed); // dies with the connection still in its mailbox
         let mut survivor = WorkerLink::register(server.registration.as_fd()).unwrap();
         survivor.arm().unwrap();
         let delivery = receive(&mut survivor);
@@ -752,6 +749,36 @@ mod tests {
         client.read_to_end(&mut rest).unwrap();
         assert!(rest.is_empty());
         assert!(matches!(other.receive(), Err(e) if e.kind() == io::ErrorKind::WouldBlock));
+    }
+
+    #[test]
+    fn readys_read_together_queue_in_the_order_they_were_sent() {
+        let server = start(0);
+        // Slots in the order a, b, c; asking in the order c, b, a.
+        let mut links: Vec<_> = (0..3).map(|_| WorkerLink::register(server.registration.as_fd()).unwrap()).collect();
+        wait_for(&server, "three workers", |s| s.workers.len() == 3);
+        links[2].arm().unwrap();
+        wait_for(&server, "c ready", |s| s.ready == 1);
+        // With c ready, the dispatcher does not wait for these: it reads both at once later.
+        links[1].arm().unwrap();
+        links[0].arm().unwrap();
+        for expected in [2, 1, 0] {
+            let client = TcpStream::connect(server.address).unwrap();
+            assert_eq!(receive(&mut links[expected]).peer, client.local_addr().unwrap());
+        }
+    }
+
+    #[test]
+    fn a_worker_that_takes_its_connection_and_leaves_is_counted() {
+        let server = start(0);
+        let mut link = WorkerLink::register(server.registration.as_fd()).unwrap();
+        link.arm().unwrap();
+        wait_for(&server, "ready", |s| s.ready == 1);
+        let _client = TcpStream::connect(server.address).unwrap();
+        let _taken = receive(&mut link);
+        drop(link);
+        let snap = wait_for(&server, "the worker gone", |s| s.workers.is_empty());
+        assert_eq!((snap.accepted, snap.delivered), (1, 1));
     }
 
     #[test]

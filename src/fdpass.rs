@@ -7,24 +7,28 @@
 //!   attached: the dispatcher's end of the link, the dispatcher's end of the mailbox, and the
 //!   worker's own end of the mailbox (see `dispatcher`: it is how an undelivered connection
 //!   survives its worker);
-//! - worker → dispatcher, on the link: `R` (ready for one connection);
+//! - worker → dispatcher, on the link: `R` + when it asked (CLOCK_MONOTONIC ns, u64 LE): ready
+//!   for one connection;
 //! - dispatcher → worker, on the mailbox: the peer address, with the client fd attached.
 //!
 //! Also here: the listener and `accept4`, since both deal in socket addresses.
 
 use nix::sys::socket::{
-    self, recvmsg, sendmsg, setsockopt, sockopt, AddressFamily, ControlMessage,
-    ControlMessageOwned, MsgFlags, SockFlag, SockType, SockaddrLike, SockaddrStorage,
+    self, sendmsg, setsockopt, sockopt, AddressFamily, ControlMessage, MsgFlags, SockFlag,
+    SockType, SockaddrLike, SockaddrStorage,
 };
-use std::io::{self, IoSlice, IoSliceMut};
+use std::io::{self, IoSlice};
 use std::mem::MaybeUninit;
 use std::net::{IpAddr, Ipv4Addr, Ipv6Addr, SocketAddr, SocketAddrV4, SocketAddrV6};
 use std::os::fd::{AsRawFd, BorrowedFd, FromRawFd, OwnedFd, RawFd};
 
-pub const READY: u8 = b'R';
+const READY: u8 = b'R';
 const REGISTER: u8 = b'W';
 /// The most fds one message carries: a registration's.
 pub const MAX_FDS: usize = 3;
+
+/// What a peer address that cannot be read is reported as: 0.0.0.0 port 0.
+pub const UNKNOWN_PEER: SocketAddr = SocketAddr::V4(SocketAddrV4::new(Ipv4Addr::UNSPECIFIED, 0));
 
 /// Longest message: a registration (5 bytes) or an IPv6 peer (1 + 2 + 16).
 pub const MAX_MESSAGE: usize = 19;
@@ -74,31 +78,75 @@ pub fn decode_peer(bytes: &[u8]) -> Option<SocketAddr> {
 
 /// Sends one message with `fds` attached. Never blocks and never raises SIGPIPE.
 pub fn send_with_fds(sock: BorrowedFd, payload: &[u8], fds: &[BorrowedFd]) -> io::Result<()> {
-    let fds: Vec<RawFd> = fds.iter().map(|fd| fd.as_raw_fd()).collect();
-    let cmsg = [ControlMessage::ScmRights(&fds)];
+    debug_assert!(fds.len() <= MAX_FDS);
+    let mut raw = [0 as RawFd; MAX_FDS];
+    let count = fds.len().min(MAX_FDS);
+    for (slot, fd) in raw.iter_mut().zip(fds) {
+        *slot = fd.as_raw_fd();
+    }
+    let cmsg = [ControlMessage::ScmRights(&raw[..count])];
     let flags = MsgFlags::MSG_DONTWAIT | MsgFlags::MSG_NOSIGNAL;
     sendmsg::<()>(sock.as_raw_fd(), &[IoSlice::new(payload)], &cmsg, flags, None)
         .map_err(errno)?;
     Ok(())
 }
 
-/// Sends a one-byte message. Never blocks and never raises SIGPIPE.
-pub fn send_byte(sock: BorrowedFd, byte: u8) -> io::Result<()> {
+/// Sends a message without fds. Never blocks and never raises SIGPIPE.
+pub fn send_message(sock: BorrowedFd, payload: &[u8]) -> io::Result<()> {
     let flags = MsgFlags::MSG_DONTWAIT | MsgFlags::MSG_NOSIGNAL;
-    socket::send(sock.as_raw_fd(), &[byte], flags).map_err(errno)?;
+    socket::send(sock.as_raw_fd(), payload, flags).map_err(errno)?;
     Ok(())
 }
 
-/// Receives a one-byte message without room for fds (any attached are discarded by the
-/// kernel). `None`: the peer has closed its end.
-pub fn recv_byte(sock: BorrowedFd) -> io::Result<Option<u8>> {
-    let mut byte = [0u8; MAX_MESSAGE];
-    match socket::recv(sock.as_raw_fd(), &mut byte, MsgFlags::MSG_DONTWAIT) {
-        Ok(1) => Ok(Some(byte[0])),
+/// Receives a message without room for fds (any attached are discarded by the kernel).
+/// `None`: the peer has closed its end.
+fn recv_message(sock: BorrowedFd, buf: &mut [u8; MAX_MESSAGE]) -> io::Result<Option<usize>> {
+    match socket::recv(sock.as_raw_fd(), buf, MsgFlags::MSG_DONTWAIT) {
         Ok(0) | Err(nix::errno::Errno::ECONNRESET) => Ok(None),
-        Ok(_) => Err(io::Error::new(io::ErrorKind::InvalidData, "malformed message")),
+        Ok(len) => Ok(Some(len)),
         Err(e) => Err(errno(e)),
     }
+}
+
+fn malformed() -> io::Error {
+    io::Error::new(io::ErrorKind::InvalidData, "malformed message")
+}
+
+/// Receives a one-byte message. `None`: the peer has closed its end.
+pub fn recv_byte(sock: BorrowedFd) -> io::Result<Option<u8>> {
+    let mut buf = [0u8; MAX_MESSAGE];
+    match recv_message(sock, &mut buf)? {
+        Some(1) => Ok(Some(buf[0])),
+        Some(_) => Err(malformed()),
+        None => Ok(None),
+    }
+}
+
+/// A worker's READY, stamped with when it asked, so that READYs read together still queue in
+/// the order they were sent.
+pub fn encode_ready(at_ns: u64) -> [u8; 9] {
+    let mut buf = [READY; 9];
+    buf[1..].copy_from_slice(&at_ns.to_le_bytes());
+    buf
+}
+
+/// Receives a READY and when it was sent. `None`: the peer has closed its end.
+pub fn recv_ready(sock: BorrowedFd) -> io::Result<Option<u64>> {
+    let mut buf = [0u8; MAX_MESSAGE];
+    match recv_message(sock, &mut buf)? {
+        Some(9) if buf[0] == READY => Ok(Some(u64::from_le_bytes(buf[1..9].try_into().expect("8 bytes")))),
+        Some(_) => Err(malformed()),
+        None => Ok(None),
+    }
+}
+
+/// CLOCK_MONOTONIC in nanoseconds: one clock for every process on the machine, so workers'
+/// stamps compare.
+pub fn monotonic_ns() -> u64 {
+    let mut now = libc::timespec { tv_sec: 0, tv_nsec: 0 };
+    // SAFETY: clock_gettime writes one timespec to the live local we pass.
+    unsafe { libc::clock_gettime(libc::CLOCK_MONOTONIC, &mut now) };
+    now.tv_sec as u64 * 1_000_000_000 + now.tv_nsec as u64
 }
 
 /// What one non-blocking receive found.
@@ -113,34 +161,58 @@ pub enum Received {
 }
 
 /// Receives one message and the fds it may carry (at most [`MAX_FDS`]), made close-on-exec by
-/// the kernel.
+/// the kernel. Raw recvmsg(2), because the fds that did arrive must be taken (and closed) even
+/// when the kernel could not deliver all of them (MSG_CTRUNC), which nix's parser refuses.
 pub fn recv_with_fds(sock: BorrowedFd, buf: &mut [u8]) -> io::Result<Received> {
-    let mut cmsg_space = nix::cmsg_space!([RawFd; MAX_FDS]);
-    let mut iov = [IoSliceMut::new(buf)];
-    let flags = MsgFlags::MSG_DONTWAIT | MsgFlags::MSG_CMSG_CLOEXEC;
-    let msg = match recvmsg::<()>(sock.as_raw_fd(), &mut iov, Some(&mut cmsg_space), flags) {
-        Ok(msg) => msg,
-        Err(nix::errno::Errno::EAGAIN) => return Ok(Received::Empty),
-        Err(nix::errno::Errno::ECONNRESET) => return Ok(Received::Closed),
-        Err(e) => return Err(errno(e)),
-    };
+    // Room for MAX_FDS fds in one SCM_RIGHTS message (CMSG_SPACE(12) is 32 on Linux), as u64s
+    // for the cmsghdr's alignment.
+    let mut control = [0u64; 8];
+    let mut iov = libc::iovec { iov_base: buf.as_mut_ptr().cast(), iov_len: buf.len() };
+    // SAFETY: msghdr is plain data; all-zero is a valid empty header, filled in below.
+    let mut msg: libc::msghdr = unsafe { std::mem::zeroed() };
+    msg.msg_iov = &mut iov;
+    msg.msg_iovlen = 1;
+    msg.msg_control = control.as_mut_ptr().cast();
+    msg.msg_controllen = std::mem::size_of_val(&control) as _;
+    // SAFETY: msg points to the live iovec and control buffer above, with their true lengths.
+    let len = unsafe { libc::recvmsg(sock.as_raw_fd(), &mut msg, libc::MSG_DONTWAIT | libc::MSG_CMSG_CLOEXEC) };
+    if len < 0 {
+        let err = io::Error::last_os_error();
+        return match err.raw_os_error() {
+            Some(libc::EAGAIN) => Ok(Received::Empty),
+            Some(libc::ECONNRESET) => Ok(Received::Closed),
+            _ => Err(err),
+        };
+    }
     let mut fds = Vec::new();
-    for cmsg in msg.cmsgs().map_err(errno)? {
-        if let ControlMessageOwned::ScmRights(received) = cmsg {
-            // SAFETY: the kernel just installed these fds in our table for us; nobody else
-            // knows their numbers, so each gets exactly one owner here.
-            fds.extend(received.into_iter().map(|fd| unsafe { OwnedFd::from_raw_fd(fd) }));
+    // SAFETY: the kernel filled msg_controllen bytes of control with well-formed cmsghdrs; the
+    // CMSG_* helpers stay within them. Each SCM_RIGHTS fd was just installed in our table for
+    // us and nobody else knows its number, so each gets exactly one owner here.
+    unsafe {
+        let mut cmsg = libc::CMSG_FIRSTHDR(&msg);
+        while !cmsg.is_null() {
+            if (*cmsg).cmsg_level == libc::SOL_SOCKET && (*cmsg).cmsg_type == libc::SCM_RIGHTS {
+                let data = libc::CMSG_DATA(cmsg) as *const RawFd;
+                let count = ((*cmsg).cmsg_len as usize - libc::CMSG_LEN(0) as usize) / std::mem::size_of::<RawFd>();
+                fds.extend((0..count).map(|i| OwnedFd::from_raw_fd(data.add(i).read_unaligned())));
+            }
+            cmsg = libc::CMSG_NXTHDR(&msg, cmsg);
         }
     }
-    let (len, truncated) = (msg.bytes, msg.flags.intersects(MsgFlags::MSG_CTRUNC | MsgFlags::MSG_TRUNC));
-    if truncated {
+    let fds_cut = msg.msg_flags & libc::MSG_CTRUNC != 0;
+    if msg.msg_flags & libc::MSG_TRUNC != 0 || (fds_cut && fds.len() >= MAX_FDS) {
         // Not a message of ours: the fds received are closed as `fds` drops.
-        return Err(io::Error::new(io::ErrorKind::InvalidData, "malformed message"));
+        return Err(malformed());
+    }
+    if fds_cut {
+        // Room for the fds, but no free fd numbers: the kernel has closed those that did not
+        // fit, and those that did are closed as `fds` drops.
+        return Err(io::Error::from_raw_os_error(libc::EMFILE));
     }
     if len == 0 && fds.is_empty() {
         return Ok(Received::Closed);
     }
-    Ok(Received::Message(len, fds))
+    Ok(Received::Message(len as usize, fds))
 }
 
 pub fn encode_registration(pid: i32) -> [u8; 5] {
@@ -213,8 +285,7 @@ pub fn accept(listener: BorrowedFd) -> io::Result<(OwnedFd, SocketAddr)> {
     let fd = unsafe { OwnedFd::from_raw_fd(fd) };
     // SAFETY: storage was zero-initialised and the kernel filled at most len bytes of it.
     let addr = unsafe { SockaddrStorage::from_raw(storage.as_ptr().cast(), Some(len)) };
-    let unspecified = SocketAddr::new(Ipv4Addr::UNSPECIFIED.into(), 0);
-    let peer = addr.as_ref().and_then(storage_to_std).unwrap_or(unspecified);
+    let peer = addr.as_ref().and_then(storage_to_std).unwrap_or(UNKNOWN_PEER);
     Ok((fd, peer))
 }
 
@@ -249,7 +320,7 @@ mod tests {
         let (a, b) = seqpacket_pair().unwrap();
         let (tx, rx) = seqpacket_pair().unwrap();
         send_with_fds(a.as_fd(), b"hello", &[tx.as_fd()]).unwrap();
-        send_byte(a.as_fd(), READY).unwrap();
+        send_message(a.as_fd(), &encode_ready(42)).unwrap();
         let mut buf = [0; MAX_MESSAGE];
         let Received::Message(len, mut fds) = recv_with_fds(b.as_fd(), &mut buf).unwrap() else {
             panic!("expected a message")
@@ -260,14 +331,14 @@ mod tests {
         let flags = unsafe { libc::fcntl(fd.as_raw_fd(), libc::F_GETFD) };
         assert_eq!(flags & libc::FD_CLOEXEC, libc::FD_CLOEXEC);
         // The received fd is the same socket: what goes in one end comes out of rx.
-        send_byte(fd.as_fd(), b'x').unwrap();
+        send_message(fd.as_fd(), b"x").unwrap();
         let Received::Message(1, fds) = recv_with_fds(rx.as_fd(), &mut buf).unwrap() else {
             panic!("expected one byte")
         };
         assert!(fds.is_empty());
         assert_eq!(buf[0], b'x');
-        // Boundaries hold: the next message is the one-byte READY, then nothing, then EOF.
-        assert_eq!(recv_byte(b.as_fd()).unwrap(), Some(READY));
+        // Boundaries hold: the next message is the READY, then nothing, then EOF.
+        assert_eq!(recv_ready(b.as_fd()).unwrap(), Some(42));
         assert!(matches!(recv_with_fds(b.as_fd(), &mut buf).unwrap(), Received::Empty));
         assert_eq!(recv_byte(b.as_fd()).unwrap_err().kind(), io::ErrorKind::WouldBlock);
         drop(a);
@@ -287,8 +358,47 @@ mod tests {
         };
         assert_eq!(fds.len(), MAX_FDS);
         for (i, (fd, (_, peer))) in fds.iter().zip(&pairs).enumerate() {
-            send_byte(fd.as_fd(), i as u8).unwrap();
+            send_message(fd.as_fd(), &[i as u8]).unwrap();
             assert_eq!(recv_byte(peer.as_fd()).unwrap(), Some(i as u8));
+        }
+    }
+
+    #[test]
+    fn fds_that_do_not_fit_are_an_emfile_error_and_those_that_did_are_closed() {
+        let (a, b) = seqpacket_pair().unwrap();
+        let (x, _y) = seqpacket_pair().unwrap();
+        send_with_fds(a.as_fd(), b"W", &[x.as_fd(), x.as_fd()]).unwrap();
+        // SAFETY: the child only calls what the check needs, then leaves with _exit.
+        match unsafe { libc::fork() } {
+            0 => {
+                // SAFETY: fd-table calls on our own fds, in the child only.
+                let ok = unsafe {
+                    let limit = libc::rlimit { rlim_cur: 256, rlim_max: 256 };
+                    libc::setrlimit(libc::RLIMIT_NOFILE, &limit);
+                    let mut last = -1;
+                    loop {
+                        let fd = libc::dup(0);
+                        if fd < 0 {
+                            break;
+                        }
+                        last = fd;
+                    }
+                    libc::close(last); // one fd number free: the first fd fits, the second not
+                    let mut buf = [0u8; MAX_MESSAGE];
+                    let emfile = recv_with_fds(b.as_fd(), &mut buf).err().and_then(|e| e.raw_os_error());
+                    let freed = libc::dup(0) >= 0 && libc::dup(0) < 0; // exactly one free again
+                    emfile == Some(libc::EMFILE) && freed
+                };
+                // SAFETY: ends the child without running the parent's destructors.
+                unsafe { libc::_exit(if ok { 0 } else { 1 }) }
+            }
+            pid => {
+                assert!(pid > 0);
+                let mut status = 0;
+                // SAFETY: waiting for our own child.
+                unsafe { libc::waitpid(pid, &mut status, 0) };
+                assert!(libc::WIFEXITED(status) && libc::WEXITSTATUS(status) == 0);
+            }
         }
     }
 
@@ -296,7 +406,7 @@ mod tests {
     fn sending_to_a_closed_peer_is_an_error_not_a_signal() {
         let (a, b) = seqpacket_pair().unwrap();
         drop(b);
-        let err = send_byte(a.as_fd(), READY).unwrap_err();
+        let err = send_message(a.as_fd(), b"x").unwrap_err();
         assert_eq!(err.raw_os_error(), Some(libc::EPIPE));
     }
 

@@ -132,14 +132,32 @@ where
 }
 
 fn set_error(interp: *mut Tcl_Interp, objc: c_int, objv: *const *mut Tcl_Obj, err: CmdError) -> c_int {
+    if let CmdError::WrongArgs { words, usage } = err {
+        let usage = CString::new(usage).unwrap_or_default();
+        // An empty usage (a command without arguments) is passed as NULL, or Tcl adds a space.
+        let usage = if usage.is_empty() { std::ptr::null() } else { usage.as_ptr() };
+        // SAFETY: objv holds objc live objects and words <= objc by construction; usage is NULL
+        // or a C string that outlives the call.
+        unsafe { clib::Tcl_WrongNumArgs(interp, (words as c_int).min(objc), objv, usage) };
+        return TCL_ERROR;
+    }
+    set_error_result(interp, err)
+}
+
+/// Reports `err` to the interp's background error handler (`interp bgerror`).
+pub fn background_error(interp: *mut Tcl_Interp, err: CmdError) {
+    set_error_result(interp, err);
+    // SAFETY: interp is live (callers check it is not deleted); Tcl copies the error state.
+    unsafe { clib::Tcl_BackgroundException(interp, TCL_ERROR) };
+}
+
+/// Sets the result and errorCode of a Message or Posix error.
+fn set_error_result(interp: *mut Tcl_Interp, err: CmdError) -> c_int {
     match err {
-        CmdError::WrongArgs { words, usage } => {
-            let usage = CString::new(usage).unwrap_or_default();
-            // An empty usage (a command without arguments) is passed as NULL, or Tcl adds a space.
-            let usage = if usage.is_empty() { std::ptr::null() } else { usage.as_ptr() };
-            // SAFETY: objv holds objc live objects and words <= objc by construction; usage is
-            // NULL or a C string that outlives the call.
-            unsafe { clib::Tcl_WrongNumArgs(interp, (words as c_int).min(objc), objv, usage) };
+        // Only commands raise usage errors (see set_error); there are no words to quote here.
+        CmdError::WrongArgs { usage, .. } => {
+            // SAFETY: interp is live; Tcl takes its own reference to the result.
+            unsafe { clib::Tcl_SetObjResult(interp, Obj::string(&format!("wrong # args: {usage}")).as_ptr()) };
         }
         CmdError::Message { text, code } => {
             // SAFETY: interp is live; Tcl takes references to both objects.
@@ -195,7 +213,7 @@ pub fn delete_file_handler(fd: RawFd) {
     let _ = OWN_HANDLERS.try_with(|own| own.borrow_mut().retain(|(f, _)| *f != fd));
 }
 
-/// Whether [`install_poll_notifier`] has run in this process (or an ancestor: it is inherited).
+/// Whether [`install_poll_notifier`] has switched this process (or an ancestor: it is inherited).
 static POLL_NOTIFIER: AtomicBool = AtomicBool::new(false);
 
 pub fn poll_notifier_installed() -> bool {
@@ -206,11 +224,27 @@ pub fn poll_notifier_installed() -> bool {
 ///
 /// File handlers live in the notifier, so the ones registered before are moved over where that
 /// is possible: this thread's own (from [`create_file_handler`]) and those of the channels of
-/// `interp` (each channel re-registers its interest when asked). Other C code's file handlers,
-/// and other threads', stay with Tcl's notifier and are no longer served.
-pub fn install_poll_notifier(interp: *mut Tcl_Interp) {
-    if POLL_NOTIFIER.swap(true, SeqCst) {
-        return;
+/// `interp` (each channel registers its interest again when asked). They are deleted from Tcl's
+/// notifier first, so that an event it had queued for them finds no handler and does nothing.
+/// Listening sockets and sockets still connecting cannot be moved (their drivers keep their file
+/// handlers to themselves): then nothing changes and the error says which channel it is. Other
+/// C code's file handlers, and other threads', stay with Tcl's notifier and are no longer served.
+pub fn install_poll_notifier(interp: *mut Tcl_Interp) -> Result<(), CmdError> {
+    if POLL_NOTIFIER.load(SeqCst) {
+        return Ok(());
+    }
+    let channels = interp_channels(interp);
+    if let Some(name) = channels.iter().find_map(|(name, chan)| unmovable(*chan).then_some(name)) {
+        return Err(CmdError::new(
+            format!("cannot switch notifiers: channel \"{name}\" is a listening or connecting socket (switch before making it)"),
+            &["SOCKETSERVER", "NOTIFIER", "CHANNEL", name],
+        ));
+    }
+    let own = OWN_HANDLERS.try_with(|own| own.borrow().clone()).unwrap_or_default();
+    let channel_fds = channels.iter().flat_map(|(_, chan)| channel_fds(*chan));
+    for fd in own.iter().map(|(fd, _)| *fd).chain(channel_fds) {
+        // SAFETY: removes the fd's entry from this thread's list in Tcl's notifier, if any.
+        unsafe { clib::Tcl_DeleteFileHandler(fd) };
     }
     let mut procs = clib::Tcl_NotifierProcs {
         setTimerProc: Some(poll_set_timer),
@@ -225,22 +259,30 @@ pub fn install_poll_notifier(interp: *mut Tcl_Interp) {
     // SAFETY: Tcl copies the table; every hook is an extern "C" function of the right type that
     // lives as long as the library (never unloaded).
     unsafe { clib::Tcl_SetNotifier(&mut procs) };
-    let own = OWN_HANDLERS.try_with(|own| own.borrow().clone()).unwrap_or_default();
+    POLL_NOTIFIER.store(true, SeqCst);
     for (fd, callback) in own {
         notifier::set_handler(fd, clib::TCL_READABLE as c_int, callback);
     }
-    rewatch_channels(interp);
+    for (_, chan) in &channels {
+        // Adding and removing a channel handler that wants nothing makes Tcl compute the
+        // channel's interest again and hand it to the driver, which makes its file handler anew.
+        // SAFETY: chan is a live channel of interp; the dummy handler is removed at once.
+        unsafe {
+            clib::Tcl_CreateChannelHandler(*chan, 0, Some(want_nothing), std::ptr::null_mut());
+            clib::Tcl_DeleteChannelHandler(*chan, Some(want_nothing), std::ptr::null_mut());
+        }
+    }
+    Ok(())
 }
 
-/// Makes every channel of `interp` register its file handler again, with the current notifier:
-/// adding and removing a channel handler that wants nothing makes Tcl recompute the channel's
-/// interest and pass it to the channel driver, which creates the file handler anew.
-fn rewatch_channels(interp: *mut Tcl_Interp) {
-    // SAFETY: interp is live (the caller's command is running in it); we read the channel names
-    // from its result, then reset the result, which our command sets again when it returns.
+/// The channels registered in `interp`, by name.
+fn interp_channels(interp: *mut Tcl_Interp) -> Vec<(String, clib::Tcl_Channel)> {
+    let mut channels = Vec::new();
+    // SAFETY: interp is live (the caller's command runs in it); we read the names from its
+    // result, then reset the result, which our command sets again when it returns.
     unsafe {
         if clib::Tcl_GetChannelNamesEx(interp, std::ptr::null()) != TCL_OK {
-            return;
+            return channels;
         }
         let names = Obj::from_ptr(clib::Tcl_GetObjResult(interp));
         let mut count: c_int = 0;
@@ -250,13 +292,52 @@ fn rewatch_channels(interp: *mut Tcl_Interp) {
                 let name = clib::Tcl_GetString(*items.add(i));
                 let chan = clib::Tcl_GetChannel(interp, name, std::ptr::null_mut());
                 if !chan.is_null() {
-                    clib::Tcl_CreateChannelHandler(chan, 0, Some(want_nothing), std::ptr::null_mut());
-                    clib::Tcl_DeleteChannelHandler(chan, Some(want_nothing), std::ptr::null_mut());
+                    channels.push((CStr::from_ptr(name).to_string_lossy().into_owned(), chan));
                 }
             }
         }
         clib::Tcl_ResetResult(interp);
     }
+    channels
+}
+
+/// A TCP socket that listens (it has no peer) or is still connecting (`socket -async`).
+fn unmovable(chan: clib::Tcl_Channel) -> bool {
+    // SAFETY: chan is a live channel; its type is static data of its driver.
+    let is_tcp = unsafe {
+        let kind = clib::Tcl_GetChannelType(chan);
+        !kind.is_null() && !(*kind).typeName.is_null() && CStr::from_ptr((*kind).typeName) == c"tcp"
+    };
+    is_tcp && (channel_option(chan, c"-peername").is_none() || channel_option(chan, c"-connecting").as_deref() == Some("1"))
+}
+
+/// A channel option's value; None if the driver reports an error.
+fn channel_option(chan: clib::Tcl_Channel, option: &CStr) -> Option<String> {
+    let mut value = std::mem::MaybeUninit::<clib::Tcl_DString>::uninit();
+    // SAFETY: the DString is initialised before use and freed after; a null interp is allowed.
+    unsafe {
+        clib::Tcl_DStringInit(value.as_mut_ptr());
+        let ok = clib::Tcl_GetChannelOption(std::ptr::null_mut(), chan, option.as_ptr(), value.as_mut_ptr()) == TCL_OK;
+        let text = ok.then(|| CStr::from_ptr((*value.as_ptr()).string).to_string_lossy().into_owned());
+        clib::Tcl_DStringFree(value.as_mut_ptr());
+        text
+    }
+}
+
+/// The fds under a channel (one, or two for a pipe-like channel).
+fn channel_fds(chan: clib::Tcl_Channel) -> Vec<RawFd> {
+    let mut fds = Vec::new();
+    for direction in [clib::TCL_READABLE, clib::TCL_WRITABLE] {
+        let mut handle: ClientData = std::ptr::null_mut();
+        // SAFETY: chan is live; on Unix a channel's handle is its fd, stored in the pointer.
+        if unsafe { clib::Tcl_GetChannelHandle(chan, direction as c_int, &mut handle) } == TCL_OK {
+            let fd = handle as isize as RawFd;
+            if !fds.contains(&fd) {
+                fds.push(fd);
+            }
+        }
+    }
+    fds
 }
 
 unsafe extern "C" fn want_nothing(_data: ClientData, _mask: c_int) {}

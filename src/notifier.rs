@@ -11,11 +11,11 @@
 //! (`Tcl_ThreadAlert`) and signal handlers (`Tcl_AsyncMark`) can wake it. Alerts find that eventfd
 //! through a fixed table of atomics, because they may run in a signal handler.
 
-use crate::fork_safety::{self, CreateSection, ParentOnlyFd};
+use crate::fork_safety::{self, CreateSection};
 use std::cell::RefCell;
 use std::ffi::{c_int, c_void};
 use std::io;
-use std::os::fd::{AsRawFd, FromRawFd, OwnedFd, RawFd};
+use std::os::fd::{FromRawFd, OwnedFd, RawFd};
 use std::sync::atomic::{AtomicU64, Ordering::SeqCst};
 use std::time::Duration;
 
@@ -38,9 +38,10 @@ struct Handler {
     /// Events seen since the handler last ran; non-zero while its event is queued.
     ready: c_int,
     callback: Callback,
-    /// The fd was closed without deleting the handler (POLLNVAL): not polled until set again,
-    /// or every poll would return at once.
-    closed: bool,
+    /// Not polled until set again: the fd was closed without deleting the handler (POLLNVAL),
+    /// or hung up while the handler asks for nothing that would report it (select would not
+    /// either); poll would return at once forever.
+    unpolled: bool,
 }
 
 /// One thread's file handlers.
@@ -56,9 +57,9 @@ impl HandlerTable {
             Some(handler) => {
                 handler.mask = mask;
                 handler.callback = callback;
-                handler.closed = false;
+                handler.unpolled = false;
             }
-            None => self.handlers.push(Handler { fd, mask, ready: 0, callback, closed: false }),
+            None => self.handlers.push(Handler { fd, mask, ready: 0, callback, unpolled: false }),
         }
     }
 
@@ -70,7 +71,7 @@ impl HandlerTable {
     /// The pollfd array for the handlers (replacing `out`'s contents, keeping its allocation).
     fn fill(&self, out: &mut Vec<libc::pollfd>) {
         out.clear();
-        out.extend(self.handlers.iter().filter(|h| !h.closed).map(|h| libc::pollfd {
+        out.extend(self.handlers.iter().filter(|h| !h.unpolled).map(|h| libc::pollfd {
             fd: h.fd,
             events: poll_events(h.mask),
             revents: 0,
@@ -82,16 +83,14 @@ impl HandlerTable {
     fn record(&mut self, polled: &[libc::pollfd], queue: &mut dyn FnMut(RawFd)) {
         for p in polled.iter().filter(|p| p.revents != 0) {
             let Some(handler) = self.handlers.iter_mut().find(|h| h.fd == p.fd) else { continue };
-            if p.revents & libc::POLLNVAL != 0 {
-                handler.closed = true;
-                continue;
-            }
             let mask = ready_mask(p.revents) & handler.mask;
             if mask != 0 {
                 if handler.ready == 0 {
                     queue(handler.fd);
                 }
                 handler.ready = mask;
+            } else if p.revents & (libc::POLLNVAL | libc::POLLHUP | libc::POLLERR) != 0 {
+                handler.unpolled = true;
             }
         }
     }
@@ -139,22 +138,32 @@ fn ready_mask(revents: libc::c_short) -> c_int {
 const WAKE_SLOTS: usize = 1024;
 /// A thread without a wake slot never sleeps longer than this, so an alert is late, not lost.
 const MISSED_ALERT_BOUND: Duration = Duration::from_millis(10);
+
+/// A slot is one u64: the fork generation that wrote it (31 bits), whether a thread holds it
+/// (1 bit), and its eventfd (32 bits; NO_FD until the holder first waits). An eventfd, once
+/// made, stays with its slot and is never closed (the next thread to hold the slot reuses it),
+/// so an alert that read a slot just before its thread ended still writes to an eventfd and
+/// never to some other fd that took its number. A slot of another generation was copied
+/// through fork: the fork handler has closed its eventfd, so nothing writes to it and any
+/// thread may take it.
 const FREE: u64 = u64::MAX;
-/// In a slot's fd half: reserved, the eventfd is not made yet.
 const NO_FD: u32 = u32::MAX;
+const HELD: u64 = 1 << 32;
 
 #[allow(clippy::declare_interior_mutable_const)]
 const FREE_SLOT: AtomicU64 = AtomicU64::new(FREE);
-/// Per slot: a thread's eventfd and the fork generation it belongs to. A slot of another
-/// generation is a copy inherited through fork: free, and never written to.
 static WAKE_FDS: [AtomicU64; WAKE_SLOTS] = [FREE_SLOT; WAKE_SLOTS];
 
-fn slot_value(fd: u32) -> u64 {
-    ((fork_safety::generation() as u32 as u64) << 32) | fd as u64
+fn this_generation() -> u64 {
+    fork_safety::generation() & 0x7fff_ffff
+}
+
+fn slot_value(held: bool, fd: u32) -> u64 {
+    (this_generation() << 33) | if held { HELD } else { 0 } | fd as u64
 }
 
 fn is_current(value: u64) -> bool {
-    value != FREE && (value >> 32) as u32 == fork_safety::generation() as u32
+    value != FREE && value >> 33 == this_generation()
 }
 
 fn wake_fd(value: u64) -> Option<RawFd> {
@@ -182,53 +191,56 @@ pub fn alert(token: usize) {
     }
 }
 
+/// Takes a slot for this thread: one that is free and has an eventfd to reuse, else a free one,
+/// else one copied through fork (last, so that a thread forked with its slot takes that back
+/// before a new thread could).
+fn claim_slot() -> Option<usize> {
+    let held_no_fd = slot_value(true, NO_FD);
+    let take = |pick: &dyn Fn(u64) -> Option<u64>| {
+        WAKE_FDS.iter().position(|s| s.fetch_update(SeqCst, SeqCst, pick).is_ok())
+    };
+    take(&|old| (is_current(old) && old & HELD == 0 && old as u32 != NO_FD).then_some(old | HELD))
+        .or_else(|| take(&|old| (old == FREE).then_some(held_no_fd)))
+        .or_else(|| take(&|old| (!is_current(old)).then_some(held_no_fd)))
+}
+
 /// The notifier state of one thread.
 #[derive(Debug, Default)]
 struct ThreadNotifier {
     table: HandlerTable,
     polled: Vec<libc::pollfd>,
-    /// Our slot in WAKE_FDS, reserved when first asked for (see `slot`).
+    /// Our slot in WAKE_FDS, taken when first asked for (see `slot`).
     slot: Option<usize>,
-    /// Our eventfd, and the fork generation that made it.
-    wake: Option<(ParentOnlyFd, u64)>,
 }
 
 impl ThreadNotifier {
-    /// Our slot, reserved (in this process) if need be. Only atomics: this runs inside Tcl's
-    /// fork handler (Tcl_InitNotifier in the child), where nothing may wait or allocate.
+    /// Our slot, taken (in this process) if need be. Only atomics: this also runs inside Tcl's
+    /// fork handler (Tcl_InitNotifier in the child), where nothing may wait; in a child it may
+    /// run before our own fork handler has counted the fork, and then takes back a slot that
+    /// looks current and turns stale a moment later, which the first wait puts right.
     fn slot(&mut self) -> Option<usize> {
-        let reserved = slot_value(NO_FD);
         if let Some(slot) = self.slot {
             let value = WAKE_FDS[slot].load(SeqCst);
-            if is_current(value) {
+            if is_current(value) && value & HELD != 0 {
                 return Some(slot);
             }
             // A forked child: our slot was copied with the parent's generation; take it back.
-            if WAKE_FDS[slot].compare_exchange(value, reserved, SeqCst, SeqCst).is_ok() {
+            if !is_current(value) && WAKE_FDS[slot].compare_exchange(value, slot_value(true, NO_FD), SeqCst, SeqCst).is_ok() {
                 return Some(slot);
             }
         }
-        let claim = |s: &AtomicU64| {
-            s.fetch_update(SeqCst, SeqCst, |old| (!is_current(old)).then_some(reserved)).is_ok()
-        };
-        self.slot = WAKE_FDS.iter().position(claim);
+        self.slot = claim_slot();
         self.slot
     }
 
-    /// Our eventfd, made at the first wait and again in a forked child (the fork handler has
-    /// closed the child's copy of the parent's). It starts signalled: an alert sent before it
-    /// existed found nothing to write to, and waking once for nothing is harmless.
+    /// Our eventfd, made at the first wait (and again in a forked child). It starts signalled:
+    /// an alert sent before it existed found nothing to write to, and waking once for nothing is
+    /// harmless.
     fn wake(&mut self) -> Option<RawFd> {
-        let generation = fork_safety::generation();
-        if let Some((fd, made)) = self.wake.take() {
-            if made == generation {
-                let raw = fd.as_raw_fd();
-                self.wake = Some((fd, made));
-                return Some(raw);
-            }
-            drop(fd); // closes nothing: ParentOnlyFd knows the parent's fd is not ours
+        let slot = self.slot()?;
+        if let Some(fd) = wake_fd(WAKE_FDS[slot].load(SeqCst)) {
+            return Some(fd);
         }
-        let slot = self.slot();
         let section = CreateSection::enter();
         // SAFETY: eventfd has no memory arguments; a non-negative result is a new fd we own.
         let raw = unsafe { libc::eventfd(1, libc::EFD_CLOEXEC | libc::EFD_NONBLOCK) };
@@ -237,11 +249,10 @@ impl ThreadNotifier {
         }
         // SAFETY: raw is the fresh eventfd, owned by nothing else.
         let fd = section.adopt(unsafe { OwnedFd::from_raw_fd(raw) }).ok()?;
-        drop(section);
-        if let Some(slot) = slot {
-            WAKE_FDS[slot].store(slot_value(raw as u32), SeqCst);
-        }
-        self.wake = Some((fd, generation));
+        // The slot owns it from now on, for good (see WAKE_FDS); it stays marked, so that
+        // forked children close their copy.
+        std::mem::forget(fd);
+        WAKE_FDS[slot].store(slot_value(true, raw as u32), SeqCst);
         Some(raw)
     }
 }
@@ -249,10 +260,7 @@ impl ThreadNotifier {
 impl Drop for ThreadNotifier {
     fn drop(&mut self) {
         if let Some(slot) = self.slot {
-            let value = WAKE_FDS[slot].load(SeqCst);
-            if is_current(value) {
-                let _ = WAKE_FDS[slot].compare_exchange(value, FREE, SeqCst, SeqCst);
-            }
+            let _ = WAKE_FDS[slot].fetch_update(SeqCst, SeqCst, |old| is_current(old).then_some(old & !HELD));
         }
     }
 }
@@ -299,9 +307,9 @@ pub fn wait(timeout: Option<Duration>, queue: &mut dyn FnMut(RawFd)) -> io::Resu
         let mut polled = std::mem::take(&mut t.polled);
         t.table.fill(&mut polled);
         let wake = t.wake();
-        let timeout = match (t.slot, timeout) {
-            (Some(_), timeout) if wake.is_some() => timeout,
-            (_, timeout) => Some(timeout.map_or(MISSED_ALERT_BOUND, |t| t.min(MISSED_ALERT_BOUND))),
+        let timeout = match wake {
+            Some(_) => timeout,
+            None => Some(timeout.map_or(MISSED_ALERT_BOUND, |t| t.min(MISSED_ALERT_BOUND))),
         };
         if let Some(fd) = wake {
             polled.push(libc::pollfd { fd, events: libc::POLLIN, revents: 0 });
@@ -335,7 +343,7 @@ pub fn wait(timeout: Option<Duration>, queue: &mut dyn FnMut(RawFd)) -> io::Resu
 #[cfg(test)]
 mod tests {
     use super::*;
-    use std::os::fd::AsFd;
+    use std::os::fd::{AsFd, AsRawFd};
 
     unsafe extern "C" fn nothing(_data: *mut c_void, _mask: c_int) {}
 
@@ -393,6 +401,20 @@ mod tests {
         assert_eq!(poll_once(&mut table).len(), 1);
         table.remove(r.as_raw_fd());
         assert!(table.take_ready(r.as_raw_fd()).is_none());
+    }
+
+    #[test]
+    fn a_hang_up_that_no_asked_event_reports_is_dropped_from_polling() {
+        let (r, w) = pipe();
+        let mut table = HandlerTable::default();
+        table.set(r.as_raw_fd(), EXCEPTION, callback(1));
+        drop(w);
+        assert!(poll_once(&mut table).is_empty());
+        let mut polled = Vec::new();
+        table.fill(&mut polled);
+        assert!(polled.is_empty(), "POLLHUP would return at once forever");
+        table.set(r.as_raw_fd(), READABLE, callback(1));
+        assert_eq!(poll_once(&mut table), vec![r.as_raw_fd()], "set again: readable at its end");
     }
 
     #[test]
@@ -466,11 +488,19 @@ mod tests {
         let mine = wake_token();
         let theirs = std::thread::spawn(wake_token).join().unwrap();
         assert!(theirs > 0 && theirs != mine);
-        assert_eq!(WAKE_FDS[theirs - 1].load(SeqCst), FREE, "freed when its thread ended");
-        let fresh = std::thread::spawn(|| {
+        assert_eq!(WAKE_FDS[theirs - 1].load(SeqCst) & HELD, 0, "given up when its thread ended");
+        // A thread that waited made an eventfd; the next thread to take its slot reuses it.
+        let waited = std::thread::spawn(|| {
+            wait(Some(Duration::ZERO), &mut |_| {}).unwrap();
             let token = wake_token();
             (token, WAKE_FDS[token - 1].load(SeqCst) as u32)
         });
-        assert_eq!(fresh.join().unwrap().1, NO_FD, "a slot is reserved before any fd is made");
+        let (token, fd) = waited.join().unwrap();
+        assert_ne!(fd, NO_FD);
+        let next = std::thread::spawn(|| {
+            let token = wake_token();
+            (token, WAKE_FDS[token - 1].load(SeqCst) as u32)
+        });
+        assert_eq!(next.join().unwrap(), (token, fd), "the slot and its eventfd, reused");
     }
 }

@@ -2,9 +2,9 @@
 //! ready, and a private mailbox, on which it receives one connection at a time. No Tcl here;
 //! `commands` wires it to the event loop.
 
-use crate::fdpass::{self, Received, MAX_MESSAGE, READY};
+use crate::fdpass::{self, Received, MAX_MESSAGE};
 use std::io;
-use std::net::{Ipv4Addr, SocketAddr};
+use std::net::SocketAddr;
 use std::os::fd::{AsFd, AsRawFd, BorrowedFd, OwnedFd, RawFd};
 use std::time::Duration;
 
@@ -63,30 +63,36 @@ impl WorkerLink {
     /// Asks for one connection; asking again before it arrives changes nothing.
     pub fn arm(&mut self) -> io::Result<()> {
         if !self.armed {
-            fdpass::send_byte(self.link.as_fd(), READY)?;
+            fdpass::send_message(self.link.as_fd(), &fdpass::encode_ready(fdpass::monotonic_ns()))?;
             self.armed = true;
         }
         Ok(())
     }
 
     /// Takes the connection if one has arrived. `Ok(None)`: the server has closed.
-    /// `WouldBlock`: nothing yet.
+    /// `WouldBlock`: nothing yet. `EMFILE`: it arrived, but this process had no fd for it, so
+    /// the kernel closed it; the worker is no longer armed.
     pub fn receive(&mut self) -> io::Result<Option<Delivery>> {
         let mut buf = [0u8; MAX_MESSAGE];
         loop {
-            match fdpass::recv_with_fds(self.mailbox.as_fd(), &mut buf)? {
-                Received::Message(len, mut fds) if fds.len() == 1 => {
+            match fdpass::recv_with_fds(self.mailbox.as_fd(), &mut buf) {
+                Ok(Received::Message(len, mut fds)) if fds.len() == 1 => {
                     self.armed = false;
-                    let unspecified = SocketAddr::new(Ipv4Addr::UNSPECIFIED.into(), 0);
-                    let peer = fdpass::decode_peer(&buf[..len]).unwrap_or(unspecified);
+                    let peer = fdpass::decode_peer(&buf[..len]).unwrap_or(fdpass::UNKNOWN_PEER);
                     return Ok(Some(Delivery { fd: fds.pop().expect("one fd"), peer }));
                 }
-                Received::Message(..) => continue, // not a delivery: its fds (if any) are closed
-                Received::Closed => {
+                Ok(Received::Message(..)) => continue, // not a delivery: its fds (if any) are closed
+                Ok(Received::Closed) => {
                     self.armed = false;
                     return Ok(None);
                 }
-                Received::Empty => return Err(io::ErrorKind::WouldBlock.into()),
+                Ok(Received::Empty) => return Err(io::ErrorKind::WouldBlock.into()),
+                Err(err) => {
+                    if err.raw_os_error() == Some(libc::EMFILE) {
+                        self.armed = false;
+                    }
+                    return Err(err);
+                }
             }
         }
     }

@@ -449,10 +449,6 @@ proc ::socketserver::pool::Stats {name} {
 proc ::socketserver::pool::WorkerMain {name} {
     variable worker
     set config [set ${name}::config]
-    # First, so that every file handler below is made in the notifier that will serve it.
-    if {[dict get $config -notifier] eq "poll"} {
-        ::socketserver::notifier poll
-    }
     # What the monitor had scheduled, trapped or opened is not the worker's business: its timers
     # and file events would run here too, and read what the monitor should.
     foreach id [after info] {
@@ -466,6 +462,11 @@ proc ::socketserver::pool::WorkerMain {name} {
             catch {chan configure $chan -blocking 0}
             catch {close $chan}
         }
+    }
+    # Then, with the monitor's listening sockets closed, and before anything below makes a file
+    # handler.
+    if {[dict get $config -notifier] eq "poll"} {
+        ::socketserver::notifier poll
     }
     # Only the monitor holds the lifeline's write end now: if the monitor dies, retire.
     chan event [lindex $lifeline 0] readable [list apply {{chan} {
