@@ -33,6 +33,9 @@ pub type StateCell = RefCell<InterpState>;
 struct Slot {
     link: WorkerLink,
     handler: Option<Obj>,
+    /// After a connection was dropped for lack of fds: the timer that arms again once there
+    /// is a free fd.
+    retry: Option<clib::Tcl_TimerToken>,
     received: u64,
     wakeups: u64,
     /// What the file handler's client data points to: owned here (never read) so that it lives
@@ -80,8 +83,14 @@ impl InterpState {
 
 fn unwatch(slot: &mut Slot) {
     ffi::delete_file_handler(slot.link.as_raw_fd());
+    if let Some(timer) = slot.retry.take() {
+        ffi::delete_timer(timer);
+    }
     slot.handler = None;
 }
+
+/// How often a worker that ran out of fds looks for a free one before it asks for more.
+const FD_RETRY_MS: u32 = 100;
 
 impl Drop for InterpState {
     fn drop(&mut self) {
@@ -175,7 +184,7 @@ fn client(cell: &StateCell, state: &mut InterpState, port: Option<u16>, handler:
         let data = &*target as *const HandlerTarget as ClientData;
         // SAFETY: the target lives in the slot, whose removal deletes this handler first.
         unsafe { ffi::create_file_handler(link.as_raw_fd(), on_readable, data) };
-        state.slots.insert(port, Slot { link, handler: None, received: 0, wakeups: 0, _target: target });
+        state.slots.insert(port, Slot { link, handler: None, retry: None, received: 0, wakeups: 0, _target: target });
     }
     let slot = state.slots.get_mut(&port).expect("inserted above");
     if let Err(err) = slot.link.arm() {
@@ -264,10 +273,9 @@ fn deliver(cell: &StateCell, port: u16) {
             Err(err) if err.kind() == io::ErrorKind::WouldBlock => return,
             Err(err) if err.raw_os_error() == Some(libc::EMFILE) => {
                 // The connection came, but this process had no fd for it, so the kernel closed
-                // it. Say so, and ask for the next one with the same handler.
-                if slot.link.arm().is_err() {
-                    return state.remove_slot(port);
-                }
+                // it. Say so, and ask for the next one with the same handler, but only once
+                // there is an fd for it: asking now would drop the next one too.
+                schedule_retry(slot);
                 drop(state);
                 if !ffi::interp_deleted(interp) {
                     let prefix = format!("socketserver on port {port}: a connection was dropped");
@@ -292,6 +300,37 @@ fn deliver(cell: &StateCell, port: u16) {
         Obj::int(delivery.peer.port().into()),
     ];
     ffi::call_in_background(interp, &handler, &args);
+}
+
+fn schedule_retry(slot: &mut Slot) {
+    if slot.retry.is_none() {
+        let data = &*slot._target as *const HandlerTarget as ClientData;
+        // SAFETY: the target lives in the slot, whose removal deletes this timer first.
+        slot.retry = Some(unsafe { ffi::create_timer(FD_RETRY_MS, arm_when_an_fd_is_free, data) });
+    }
+}
+
+/// The retry timer of a slot whose connection was dropped for lack of fds.
+unsafe extern "C" fn arm_when_an_fd_is_free(data: ClientData) {
+    // SAFETY: data is the slot's HandlerTarget, valid while the timer is pending.
+    let target = unsafe { &*(data as *const HandlerTarget) };
+    // SAFETY: the state outlives every timer: dropping it deletes them all first.
+    let cell = unsafe { &*target.state };
+    let port = target.port;
+    ffi::guard_callback(|| {
+        let mut state = cell.borrow_mut();
+        let Some(slot) = state.slots.get_mut(&port) else { return };
+        slot.retry = None;
+        if slot.link.is_armed() || slot.handler.is_none() {
+            return; // armed again by `client` meanwhile, or never to be
+        }
+        if !slot.link.has_free_fd() {
+            return schedule_retry(slot);
+        }
+        if slot.link.arm().is_err() {
+            state.remove_slot(port); // the server has closed
+        }
+    });
 }
 
 /// `::socketserver::fork`

@@ -164,9 +164,11 @@ pub enum Received {
 /// the kernel. Raw recvmsg(2), because the fds that did arrive must be taken (and closed) even
 /// when the kernel could not deliver all of them (MSG_CTRUNC), which nix's parser refuses.
 pub fn recv_with_fds(sock: BorrowedFd, buf: &mut [u8]) -> io::Result<Received> {
-    // Room for MAX_FDS fds in one SCM_RIGHTS message (CMSG_SPACE(12) is 32 on Linux), as u64s
-    // for the cmsghdr's alignment.
-    let mut control = [0u64; 8];
+    // Room for exactly MAX_FDS fds in one SCM_RIGHTS message (CMSG_SPACE(12) is 32 on Linux),
+    // as u64s for the cmsghdr's alignment: a message with more is cut short (MSG_CTRUNC).
+    let mut control = [0u64; 4];
+    // SAFETY: CMSG_SPACE only computes a size.
+    debug_assert_eq!(std::mem::size_of_val(&control), unsafe { libc::CMSG_SPACE((MAX_FDS * 4) as u32) } as usize);
     let mut iov = libc::iovec { iov_base: buf.as_mut_ptr().cast(), iov_len: buf.len() };
     // SAFETY: msghdr is plain data; all-zero is a valid empty header, filled in below.
     let mut msg: libc::msghdr = unsafe { std::mem::zeroed() };
@@ -373,11 +375,12 @@ mod tests {
             0 => {
                 // SAFETY: fd-table calls on our own fds, in the child only.
                 let ok = unsafe {
-                    let limit = libc::rlimit { rlim_cur: 256, rlim_max: 256 };
+                    let limit = libc::rlimit { rlim_cur: 4096, rlim_max: 4096 };
                     libc::setrlimit(libc::RLIMIT_NOFILE, &limit);
+                    let any = a.as_raw_fd();
                     let mut last = -1;
                     loop {
-                        let fd = libc::dup(0);
+                        let fd = libc::dup(any);
                         if fd < 0 {
                             break;
                         }
@@ -386,7 +389,7 @@ mod tests {
                     libc::close(last); // one fd number free: the first fd fits, the second not
                     let mut buf = [0u8; MAX_MESSAGE];
                     let emfile = recv_with_fds(b.as_fd(), &mut buf).err().and_then(|e| e.raw_os_error());
-                    let freed = libc::dup(0) >= 0 && libc::dup(0) < 0; // exactly one free again
+                    let freed = libc::dup(any) >= 0 && libc::dup(any) < 0; // exactly one free again
                     emfile == Some(libc::EMFILE) && freed
                 };
                 // SAFETY: ends the child without running the parent's destructors.

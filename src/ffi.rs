@@ -224,11 +224,12 @@ pub fn poll_notifier_installed() -> bool {
 ///
 /// File handlers live in the notifier, so the ones registered before are moved over where that
 /// is possible: this thread's own (from [`create_file_handler`]) and those of the channels of
-/// `interp` (each channel registers its interest again when asked). They are deleted from Tcl's
-/// notifier first, so that an event it had queued for them finds no handler and does nothing.
-/// Listening sockets and sockets still connecting cannot be moved (their drivers keep their file
-/// handlers to themselves): then nothing changes and the error says which channel it is. Other
-/// C code's file handlers, and other threads', stay with Tcl's notifier and are no longer served.
+/// `interp` (each channel registers its interest again when asked). Every handler of this
+/// thread is deleted from Tcl's notifier first, so that an event it had already queued finds
+/// none and does nothing. Listening sockets and sockets still connecting cannot be moved (their
+/// drivers keep their file handlers to themselves): then nothing changes and the error says
+/// which channel it is. Other C code's file handlers, and other threads', are not served by the
+/// poll notifier.
 pub fn install_poll_notifier(interp: *mut Tcl_Interp) -> Result<(), CmdError> {
     if POLL_NOTIFIER.load(SeqCst) {
         return Ok(());
@@ -240,9 +241,12 @@ pub fn install_poll_notifier(interp: *mut Tcl_Interp) -> Result<(), CmdError> {
             &["SOCKETSERVER", "NOTIFIER", "CHANNEL", name],
         ));
     }
+    notifier::install_fork_handler().map_err(|e| CmdError::Posix {
+        prefix: "couldn't install fork handlers".into(),
+        errno: e.raw_os_error().unwrap_or(libc::EINVAL),
+    })?;
     let own = OWN_HANDLERS.try_with(|own| own.borrow().clone()).unwrap_or_default();
-    let channel_fds = channels.iter().flat_map(|(_, chan)| channel_fds(*chan));
-    for fd in own.iter().map(|(fd, _)| *fd).chain(channel_fds) {
+    for fd in open_fds() {
         // SAFETY: removes the fd's entry from this thread's list in Tcl's notifier, if any.
         unsafe { clib::Tcl_DeleteFileHandler(fd) };
     }
@@ -263,16 +267,38 @@ pub fn install_poll_notifier(interp: *mut Tcl_Interp) -> Result<(), CmdError> {
     for (fd, callback) in own {
         notifier::set_handler(fd, clib::TCL_READABLE as c_int, callback);
     }
-    for (_, chan) in &channels {
+    for (name, _) in &channels {
+        // Looked up again: a reflected channel's watch script, run by an earlier one, may have
+        // closed it.
+        let Ok(cname) = CString::new(name.as_str()) else { continue };
+        // SAFETY: interp is live; a null mode pointer is allowed.
+        let chan = unsafe { clib::Tcl_GetChannel(interp, cname.as_ptr(), std::ptr::null_mut()) };
+        if chan.is_null() {
+            continue;
+        }
         // Adding and removing a channel handler that wants nothing makes Tcl compute the
         // channel's interest again and hand it to the driver, which makes its file handler anew.
         // SAFETY: chan is a live channel of interp; the dummy handler is removed at once.
         unsafe {
-            clib::Tcl_CreateChannelHandler(*chan, 0, Some(want_nothing), std::ptr::null_mut());
-            clib::Tcl_DeleteChannelHandler(*chan, Some(want_nothing), std::ptr::null_mut());
+            clib::Tcl_CreateChannelHandler(chan, 0, Some(want_nothing), std::ptr::null_mut());
+            clib::Tcl_DeleteChannelHandler(chan, Some(want_nothing), std::ptr::null_mut());
         }
     }
+    // SAFETY: interp is live; Tcl_GetChannel may have left an error message in its result.
+    unsafe { clib::Tcl_ResetResult(interp) };
     Ok(())
+}
+
+/// This process's open fds (from /proc/self/fd; else every number below the fd limit).
+fn open_fds() -> Vec<RawFd> {
+    match std::fs::read_dir("/proc/self/fd") {
+        Ok(dir) => dir.filter_map(|e| e.ok()?.file_name().to_str()?.parse().ok()).collect(),
+        Err(_) => {
+            // SAFETY: sysconf only reads a limit.
+            let max = unsafe { libc::sysconf(libc::_SC_OPEN_MAX) }.clamp(0, 65536) as RawFd;
+            (0..max).collect()
+        }
+    }
 }
 
 /// The channels registered in `interp`, by name.
@@ -301,14 +327,23 @@ fn interp_channels(interp: *mut Tcl_Interp) -> Vec<(String, clib::Tcl_Channel)> 
     channels
 }
 
-/// A TCP socket that listens (it has no peer) or is still connecting (`socket -async`).
+/// A TCP socket that listens or is still connecting (`socket -async`).
 fn unmovable(chan: clib::Tcl_Channel) -> bool {
     // SAFETY: chan is a live channel; its type is static data of its driver.
     let is_tcp = unsafe {
         let kind = clib::Tcl_GetChannelType(chan);
         !kind.is_null() && !(*kind).typeName.is_null() && CStr::from_ptr((*kind).typeName) == c"tcp"
     };
-    is_tcp && (channel_option(chan, c"-peername").is_none() || channel_option(chan, c"-connecting").as_deref() == Some("1"))
+    let listening = channel_fds(chan).into_iter().any(|fd| {
+        let mut value: c_int = 0;
+        let mut len = std::mem::size_of::<c_int>() as libc::socklen_t;
+        // SAFETY: getsockopt writes at most len bytes into the live c_int.
+        let ok = unsafe {
+            libc::getsockopt(fd, libc::SOL_SOCKET, libc::SO_ACCEPTCONN, (&mut value as *mut c_int).cast(), &mut len)
+        } == 0;
+        ok && value != 0
+    });
+    is_tcp && (listening || channel_option(chan, c"-connecting").as_deref() == Some("1"))
 }
 
 /// A channel option's value; None if the driver reports an error.
@@ -413,6 +448,20 @@ unsafe extern "C" fn poll_alert_notifier(data: ClientData) {
 }
 
 unsafe extern "C" fn poll_service_mode_hook(_mode: c_int) {}
+
+/// Calls `proc_(data)` once, after `ms` milliseconds, from the event loop.
+///
+/// # Safety
+/// `data` must stay valid until the call, or until [`delete_timer`]; call from the interp's
+/// thread.
+pub unsafe fn create_timer(ms: u32, proc_: unsafe extern "C" fn(ClientData), data: ClientData) -> clib::Tcl_TimerToken {
+    clib::Tcl_CreateTimerHandler(ms.min(c_int::MAX as u32) as c_int, Some(proc_), data)
+}
+
+pub fn delete_timer(token: clib::Tcl_TimerToken) {
+    // SAFETY: deleting a timer that has fired or been deleted already is a no-op in Tcl.
+    unsafe { clib::Tcl_DeleteTimerHandler(token) };
+}
 
 /// Wraps a connected TCP socket as a Tcl `sock` channel registered in `interp`; returns its name.
 pub fn register_socket_channel(interp: *mut Tcl_Interp, fd: OwnedFd) -> Option<String> {

@@ -61,7 +61,9 @@ extern "C" fn parent() {
 }
 
 extern "C" fn child() {
-    // Only async-signal-safe work here: atomics and close(2).
+    // Only async-signal-safe work here: atomics and close(2). The generation first, so that
+    // nothing (a signal handler's alert, say) writes to an fd below while it is being closed.
+    GENERATION.fetch_add(1, SeqCst);
     let used = USED_WORDS.load(SeqCst).min(WORDS);
     for (index, word) in MARKED[..used].iter().enumerate() {
         let mut bits = word.swap(0, SeqCst);
@@ -75,7 +77,6 @@ extern "C" fn child() {
     }
     CREATING.store(0, SeqCst);
     FORKING.store(0, SeqCst);
-    GENERATION.fetch_add(1, SeqCst);
     // The forking thread held no section (prepare waited them out), so its DEPTH is 0 already.
 }
 
@@ -91,19 +92,20 @@ thread_local! {
     static DEPTH: std::cell::Cell<usize> = const { std::cell::Cell::new(0) };
 }
 
-/// While alive, no fork can happen between creating an fd and marking it.
-pub struct CreateSection(());
+/// While alive, no fork can happen between creating an fd and marking it. Not Send: it must end
+/// on the thread that entered it (the nesting depth is per thread).
+pub struct CreateSection(std::marker::PhantomData<*const ()>);
 
 impl CreateSection {
     pub fn enter() -> CreateSection {
         let depth = DEPTH.with(|d| d.replace(d.get() + 1));
         if depth > 0 {
-            return CreateSection(());
+            return CreateSection(std::marker::PhantomData);
         }
         loop {
             CREATING.fetch_add(1, SeqCst);
             if FORKING.load(SeqCst) == 0 {
-                return CreateSection(());
+                return CreateSection(std::marker::PhantomData);
             }
             CREATING.fetch_sub(1, SeqCst);
             while FORKING.load(SeqCst) != 0 {
@@ -218,7 +220,10 @@ mod tests {
             drop(outer);
             done.send(()).unwrap();
         });
-        finished.recv_timeout(std::time::Duration::from_secs(5)).expect("no deadlock");
+        if finished.recv_timeout(std::time::Duration::from_secs(5)).is_err() {
+            FORKING.fetch_sub(1, SeqCst); // let the other tests' sections through, then fail
+            panic!("a nested section waited for the fork");
+        }
     }
 
     #[test]

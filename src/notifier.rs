@@ -222,7 +222,7 @@ impl ThreadNotifier {
         if let Some(slot) = self.slot {
             let value = WAKE_FDS[slot].load(SeqCst);
             if is_current(value) && value & HELD != 0 {
-                return Some(slot);
+                return Some(slot); // ours: a held slot is never taken (see take_slot_back_in_child)
             }
             // A forked child: our slot was copied with the parent's generation; take it back.
             if !is_current(value) && WAKE_FDS[slot].compare_exchange(value, slot_value(true, NO_FD), SeqCst, SeqCst).is_ok() {
@@ -258,10 +258,42 @@ impl ThreadNotifier {
 }
 
 impl Drop for ThreadNotifier {
+    /// Gives the slot up: free if it has no eventfd, else kept with it for the next thread.
     fn drop(&mut self) {
         if let Some(slot) = self.slot {
-            let _ = WAKE_FDS[slot].fetch_update(SeqCst, SeqCst, |old| is_current(old).then_some(old & !HELD));
+            let give_up = |old: u64| {
+                let freed = if old as u32 == NO_FD { FREE } else { old & !HELD };
+                is_current(old).then_some(freed)
+            };
+            let _ = WAKE_FDS[slot].fetch_update(SeqCst, SeqCst, give_up);
         }
+    }
+}
+
+/// In a forked child, before any other thread can exist there: the forking thread takes its
+/// slot back under the new generation, so that no thread the child starts can take it first.
+extern "C" fn take_slot_back_in_child() {
+    let _ = THREAD.try_with(|t| {
+        if let Ok(mut t) = t.try_borrow_mut() {
+            if t.slot.is_some() {
+                t.slot();
+            }
+        }
+    });
+}
+
+/// Registers [`take_slot_back_in_child`]; once, when the notifier is installed (after the
+/// fork_safety handler, so it runs after the generation has changed).
+pub fn install_fork_handler() -> io::Result<()> {
+    static ONCE: std::sync::Once = std::sync::Once::new();
+    let mut result = 0;
+    ONCE.call_once(|| {
+        // SAFETY: the handler is an extern "C" function that lives as long as the library.
+        result = unsafe { libc::pthread_atfork(None, None, Some(take_slot_back_in_child)) };
+    });
+    match result {
+        0 => Ok(()),
+        errno => Err(io::Error::from_raw_os_error(errno)),
     }
 }
 
@@ -488,19 +520,16 @@ mod tests {
         let mine = wake_token();
         let theirs = std::thread::spawn(wake_token).join().unwrap();
         assert!(theirs > 0 && theirs != mine);
-        assert_eq!(WAKE_FDS[theirs - 1].load(SeqCst) & HELD, 0, "given up when its thread ended");
-        // A thread that waited made an eventfd; the next thread to take its slot reuses it.
+        assert_eq!(WAKE_FDS[theirs - 1].load(SeqCst), FREE, "it never waited: freed when it ended");
+        // A thread that waited made an eventfd, which stays with its slot for the next thread.
         let waited = std::thread::spawn(|| {
             wait(Some(Duration::ZERO), &mut |_| {}).unwrap();
-            let token = wake_token();
-            (token, WAKE_FDS[token - 1].load(SeqCst) as u32)
+            wake_token()
         });
-        let (token, fd) = waited.join().unwrap();
-        assert_ne!(fd, NO_FD);
-        let next = std::thread::spawn(|| {
-            let token = wake_token();
-            (token, WAKE_FDS[token - 1].load(SeqCst) as u32)
-        });
-        assert_eq!(next.join().unwrap(), (token, fd), "the slot and its eventfd, reused");
+        let token = waited.join().unwrap();
+        let value = WAKE_FDS[token - 1].load(SeqCst);
+        assert!(value as u32 != NO_FD && value & HELD == 0, "kept, not held");
+        let next = std::thread::spawn(|| WAKE_FDS[wake_token() - 1].load(SeqCst) as u32);
+        assert_ne!(next.join().unwrap(), NO_FD, "a slot with an eventfd is taken first, fd and all");
     }
 }

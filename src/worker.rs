@@ -98,6 +98,17 @@ impl WorkerLink {
     }
 }
 
+impl WorkerLink {
+    /// True if this process could take one more fd now (a delivered connection needs one).
+    pub fn has_free_fd(&self) -> bool {
+        // SAFETY: F_DUPFD_CLOEXEC makes a new fd that only we know, closed again at once.
+        unsafe {
+            let probe = libc::fcntl(self.mailbox.as_raw_fd(), libc::F_DUPFD_CLOEXEC, 0);
+            probe >= 0 && libc::close(probe) == 0
+        }
+    }
+}
+
 /// The fd to watch: the mailbox, which is readable when a connection has arrived and at its end
 /// when the server has closed.
 impl AsFd for WorkerLink {

@@ -465,8 +465,8 @@ proc ::socketserver::pool::WorkerMain {name} {
     }
     # Then, with the monitor's listening sockets closed, and before anything below makes a file
     # handler.
-    if {[dict get $config -notifier] eq "poll"} {
-        ::socketserver::notifier poll
+    if {[dict get $config -notifier] eq "poll" && [catch {::socketserver::notifier poll} error]} {
+        Log $name "worker [pid]: keeps Tcl's notifier: $error"
     }
     # Only the monitor holds the lifeline's write end now: if the monitor dies, retire.
     chan event [lindex $lifeline 0] readable [list apply {{chan} {
