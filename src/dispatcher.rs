@@ -381,7 +381,9 @@ impl Dispatcher {
         let listener = if self.can_accept() { self.listener.as_raw_fd() } else { -1 };
         self.pollfds.clear();
         self.pollfds.push(entry(self.control.as_raw_fd()));
-        self.pollfds.push(entry(self.registrar.as_raw_fd()));
+        // Registrations wait too while fds are short (see register_workers).
+        let registrar = if self.accept_paused_until.is_none() { self.registrar.as_raw_fd() } else { -1 };
+        self.pollfds.push(entry(registrar));
         self.pollfds.push(entry(listener));
         self.polled_workers.clear();
         // A worker's READY matters only when no other worker is ready: until then it may wait
@@ -451,6 +453,12 @@ impl Dispatcher {
     fn register_workers(&mut self) {
         let mut buf = [0u8; MAX_MESSAGE];
         loop {
+            // A registration received without fds for it would be lost (the kernel closes what
+            // does not fit): while there are none, leave it queued and back off.
+            if !fdpass::has_free_fds(self.registrar.as_fd(), fdpass::MAX_FDS) {
+                self.accept_paused_until = Some(Instant::now() + ACCEPT_BACKOFF);
+                return;
+            }
             let section = CreateSection::enter();
             let (len, fds) = match fdpass::recv_with_fds(self.registrar.as_fd(), &mut buf) {
                 Ok(Received::Message(len, fds)) => (len, fds),

@@ -91,6 +91,19 @@ pub fn send_with_fds(sock: BorrowedFd, payload: &[u8], fds: &[BorrowedFd]) -> io
     Ok(())
 }
 
+/// True if this process could take `count` more fds now (tried with dups of `any`, closed at
+/// once).
+pub fn has_free_fds(any: BorrowedFd, count: usize) -> bool {
+    let mut probes = Vec::with_capacity(count);
+    for _ in 0..count {
+        match any.try_clone_to_owned() {
+            Ok(fd) => probes.push(fd),
+            Err(_) => return false, // the probes close as they drop
+        }
+    }
+    true
+}
+
 /// Sends a message without fds. Never blocks and never raises SIGPIPE.
 pub fn send_message(sock: BorrowedFd, payload: &[u8]) -> io::Result<()> {
     let flags = MsgFlags::MSG_DONTWAIT | MsgFlags::MSG_NOSIGNAL;

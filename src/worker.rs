@@ -101,11 +101,7 @@ impl WorkerLink {
 impl WorkerLink {
     /// True if this process could take one more fd now (a delivered connection needs one).
     pub fn has_free_fd(&self) -> bool {
-        // SAFETY: F_DUPFD_CLOEXEC makes a new fd that only we know, closed again at once.
-        unsafe {
-            let probe = libc::fcntl(self.mailbox.as_raw_fd(), libc::F_DUPFD_CLOEXEC, 0);
-            probe >= 0 && libc::close(probe) == 0
-        }
+        fdpass::has_free_fds(self.mailbox.as_fd(), 1)
     }
 }
 
