@@ -280,9 +280,7 @@ struct Dispatcher {
     pollfds: Vec<libc::pollfd>,
     /// The worker slot behind each pollfd from index WORKERS_AT on.
     polled_workers: Vec<usize>,
-    /// The last poll did not wait for READY (see build_pollfds): some may be unread.
-    unread_ready: bool,
-    /// Scratch space for reading those (kept to spare an allocation per connection).
+    /// Scratch space for reading READYs not waited for (see catch_up).
     unread_pollfds: Vec<libc::pollfd>,
 }
 
@@ -311,7 +309,6 @@ impl Dispatcher {
             accept_paused_until: None,
             pollfds: Vec::new(),
             polled_workers: Vec::new(),
-            unread_ready: false,
             unread_pollfds: Vec::new(),
         }
     }
@@ -390,7 +387,6 @@ impl Dispatcher {
         // in the socket, and this thread sleeps through it (at c=1 with N idle workers, that is
         // one wake-up per connection fewer). Poll reports a worker that goes (POLLHUP) anyway.
         let events = if self.ready.is_empty() { libc::POLLIN } else { 0 };
-        self.unread_ready = events == 0;
         for (slot, worker) in self.workers.iter().enumerate() {
             if let Some(worker) = worker {
                 self.pollfds.push(libc::pollfd { fd: worker.link.as_raw_fd(), events, revents: 0 });
@@ -563,11 +559,10 @@ impl Dispatcher {
         self.unread_pollfds = unread;
     }
 
-    /// Hands waiting connections to ready workers, longest-waiting worker first.
+    /// Hands waiting connections to ready workers, longest-waiting worker first. A READY not
+    /// read yet (see build_pollfds) was sent after every one already read, so the queue's head
+    /// is the longest-waiting worker without reading it.
     fn dispatch(&mut self) {
-        if !self.waiting.is_empty() && std::mem::take(&mut self.unread_ready) {
-            self.read_unread_ready();
-        }
         while !self.waiting.is_empty() {
             let Some((_, slot)) = self.ready.pop_front() else { return };
             let conn = self.waiting.pop_front().expect("checked non-empty");
