@@ -520,7 +520,15 @@ mod tests {
         let mine = wake_token();
         let theirs = std::thread::spawn(wake_token).join().unwrap();
         assert!(theirs > 0 && theirs != mine);
-        assert_eq!(WAKE_FDS[theirs - 1].load(SeqCst), FREE, "it never waited: freed when it ended");
+        let given_up = WAKE_FDS[theirs - 1].load(SeqCst);
+        assert!(given_up == FREE || given_up & HELD == 0, "given up when it ended");
+        // A slot without an eventfd is freed, not kept: nothing else could take it again.
+        let free = WAKE_FDS.iter().position(|s| s.load(SeqCst) == FREE).expect("a free slot");
+        WAKE_FDS[free].store(slot_value(true, NO_FD), SeqCst);
+        let mut reserved = ThreadNotifier::default();
+        reserved.slot = Some(free);
+        drop(reserved);
+        assert_eq!(WAKE_FDS[free].load(SeqCst), FREE);
         // A thread that waited made an eventfd, which stays with its slot for the next thread.
         let waited = std::thread::spawn(|| {
             wait(Some(Duration::ZERO), &mut |_| {}).unwrap();
