@@ -263,6 +263,10 @@ fn deliver(cell: &StateCell, port: u16) {
         let mut state = cell.borrow_mut();
         state.forget_inherited_links();
         let interp = state.interp;
+        if ffi::interp_deleted(interp) {
+            // Closing the link makes the dispatcher give the connection to another worker.
+            return state.remove_slot(port);
+        }
         let Some(slot) = state.slots.get_mut(&port) else { return };
         slot.wakeups += 1;
         match slot.link.receive() {
@@ -319,8 +323,14 @@ unsafe extern "C" fn arm_when_an_fd_is_free(data: ClientData) {
     let port = target.port;
     ffi::guard_callback(|| {
         let mut state = cell.borrow_mut();
+        // A forked child's copy of the timer must not arm the parent's link.
+        state.forget_inherited_links();
+        let deleted = ffi::interp_deleted(state.interp);
         let Some(slot) = state.slots.get_mut(&port) else { return };
         slot.retry = None;
+        if deleted {
+            return state.remove_slot(port);
+        }
         if slot.link.is_armed() || slot.handler.is_none() {
             return; // armed again by `client` meanwhile, or never to be
         }
@@ -334,11 +344,17 @@ unsafe extern "C" fn arm_when_an_fd_is_free(data: ClientData) {
 }
 
 /// `::socketserver::fork`
-pub fn fork_command(words: &[String]) -> CmdResult<Obj> {
+pub fn fork_command(cell: &StateCell, words: &[String]) -> CmdResult<Obj> {
     if words.len() != 1 {
         return Err(CmdError::WrongArgs { words: 1, usage: "" });
     }
-    Ok(Obj::int(process::fork()?.into()))
+    let pid = process::fork()?;
+    if pid == 0 {
+        // At once, not at the child's first command: until then its copies would hold the
+        // parent's links open (hiding the parent's death from the dispatcher).
+        cell.borrow_mut().forget_inherited_links();
+    }
+    Ok(Obj::int(pid.into()))
 }
 
 /// `::socketserver::wait ?-nohang? ?pid?`

@@ -277,6 +277,8 @@ struct Dispatcher {
     accepted: u64,
     delivered: u64,
     accept_paused_until: Option<Instant>,
+    /// Registrations wait in their socket until then (see register_workers).
+    registrations_paused_until: Option<Instant>,
     pollfds: Vec<libc::pollfd>,
     /// The worker slot behind each pollfd from index WORKERS_AT on.
     polled_workers: Vec<usize>,
@@ -307,6 +309,7 @@ impl Dispatcher {
             accepted: 0,
             delivered: 0,
             accept_paused_until: None,
+            registrations_paused_until: None,
             pollfds: Vec::new(),
             polled_workers: Vec::new(),
             unread_pollfds: Vec::new(),
@@ -338,7 +341,12 @@ impl Dispatcher {
                 self.register_workers();
             }
             for i in 0..self.polled_workers.len() {
-                if self.pollfds[WORKERS_AT + i].revents != 0 {
+                let revents = self.pollfds[WORKERS_AT + i].revents;
+                if revents & (libc::POLLHUP | libc::POLLERR) != 0 {
+                    // Gone: a READY it sent last does not count (the dispatcher would send a
+                    // connection into its mailbox only to read it back).
+                    self.remove_worker(self.polled_workers[i]);
+                } else if revents != 0 {
                     self.serve_worker(self.polled_workers[i]);
                 }
             }
@@ -357,19 +365,22 @@ impl Dispatcher {
         self.accept_paused_until.is_none() && self.waiting.len() < self.ready.len() + self.queue_limit
     }
 
+    /// Ends the pauses that are over; the poll timeout until the next one ends (-1: none).
     fn poll_timeout(&mut self) -> libc::c_int {
-        match self.accept_paused_until {
-            Some(until) => {
-                let left = until.saturating_duration_since(Instant::now());
+        let now = Instant::now();
+        let mut timeout = -1;
+        for pause in [&mut self.accept_paused_until, &mut self.registrations_paused_until] {
+            if let Some(until) = *pause {
+                let left = until.saturating_duration_since(now);
                 if left.is_zero() {
-                    self.accept_paused_until = None;
-                    -1
+                    *pause = None;
                 } else {
-                    left.as_millis() as libc::c_int + 1
+                    let ms = left.as_millis() as libc::c_int + 1;
+                    timeout = if timeout < 0 { ms } else { timeout.min(ms) };
                 }
             }
-            None => -1,
         }
+        timeout
     }
 
     fn build_pollfds(&mut self) {
@@ -378,8 +389,7 @@ impl Dispatcher {
         let listener = if self.can_accept() { self.listener.as_raw_fd() } else { -1 };
         self.pollfds.clear();
         self.pollfds.push(entry(self.control.as_raw_fd()));
-        // Registrations wait too while fds are short (see register_workers).
-        let registrar = if self.accept_paused_until.is_none() { self.registrar.as_raw_fd() } else { -1 };
+        let registrar = if self.registrations_paused_until.is_none() { self.registrar.as_raw_fd() } else { -1 };
         self.pollfds.push(entry(registrar));
         self.pollfds.push(entry(listener));
         self.polled_workers.clear();
@@ -448,16 +458,22 @@ impl Dispatcher {
 
     fn register_workers(&mut self) {
         let mut buf = [0u8; MAX_MESSAGE];
-        loop {
+        while has_message(self.registrar.as_fd()) {
+            let section = CreateSection::enter();
             // A registration received without fds for it would be lost (the kernel closes what
-            // does not fit): while there are none, leave it queued and back off.
+            // does not fit): while there are none, leave it queued and look again later.
+            // (Probed inside the section: a fork must not catch the probes.)
             if !fdpass::has_free_fds(self.registrar.as_fd(), fdpass::MAX_FDS) {
-                self.accept_paused_until = Some(Instant::now() + ACCEPT_BACKOFF);
+                self.registrations_paused_until = Some(Instant::now() + ACCEPT_BACKOFF);
                 return;
             }
-            let section = CreateSection::enter();
             let (len, fds) = match fdpass::recv_with_fds(self.registrar.as_fd(), &mut buf) {
                 Ok(Received::Message(len, fds)) => (len, fds),
+                Err(e) if e.raw_os_error() == Some(libc::EMFILE) => {
+                    // Lost to another thread's fds after the probe: rare, and nothing to undo.
+                    self.registrations_paused_until = Some(Instant::now() + ACCEPT_BACKOFF);
+                    return;
+                }
                 _ => return,
             };
             let fds: io::Result<Vec<ParentOnlyFd>> = fds.into_iter().map(|fd| section.adopt(fd)).collect();

@@ -91,15 +91,18 @@ pub fn send_with_fds(sock: BorrowedFd, payload: &[u8], fds: &[BorrowedFd]) -> io
     Ok(())
 }
 
-/// True if this process could take `count` more fds now (tried with dups of `any`, closed at
-/// once).
+/// True if this process could take `count` (at most [`MAX_FDS`]) more fds now: tried with dups
+/// of `any` (any number, 0 up), closed at once.
 pub fn has_free_fds(any: BorrowedFd, count: usize) -> bool {
-    let mut probes = Vec::with_capacity(count);
-    for _ in 0..count {
-        match any.try_clone_to_owned() {
-            Ok(fd) => probes.push(fd),
-            Err(_) => return false, // the probes close as they drop
+    let mut probes: [Option<OwnedFd>; MAX_FDS] = Default::default();
+    for probe in probes.iter_mut().take(count) {
+        // SAFETY: F_DUPFD_CLOEXEC makes a new fd that only we know; it closes as `probes` drops.
+        let fd = unsafe { libc::fcntl(any.as_raw_fd(), libc::F_DUPFD_CLOEXEC, 0) };
+        if fd < 0 {
+            return false;
         }
+        // SAFETY: fd is the new fd just made.
+        *probe = Some(unsafe { OwnedFd::from_raw_fd(fd) });
     }
     true
 }

@@ -106,7 +106,7 @@ macro_rules! command_proc {
 
 command_proc!(socket_proc, commands::socket_command);
 command_proc!(info_proc, |cell, _, words| commands::info_command(cell, words));
-command_proc!(fork_proc, |_, _, words| commands::fork_command(words));
+command_proc!(fork_proc, |cell, _, words| commands::fork_command(cell, words));
 command_proc!(wait_proc, |_, _, words| commands::wait_command(words));
 command_proc!(kill_proc, |_, _, words| commands::kill_command(words));
 command_proc!(trap_proc, commands::trap_command);
