@@ -654,6 +654,14 @@ mod tests {
         }
     }
 
+    /// A worker registered with `server` and armed, once the dispatcher knows it is ready.
+    fn ready_worker(server: &Server) -> WorkerLink {
+        let mut link = WorkerLink::register(server.registration.as_fd()).unwrap();
+        link.arm().unwrap();
+        wait_for(server, "ready", |s| s.ready == 1);
+        link
+    }
+
     fn receive(link: &mut WorkerLink) -> Delivery {
         wait_readable(link.as_fd(), Duration::from_secs(5)).expect("a delivery in time");
         link.receive().unwrap().expect("a connection")
@@ -671,9 +679,7 @@ mod tests {
     #[test]
     fn a_ready_worker_gets_the_connection_and_its_peer() {
         let server = start(0);
-        let mut link = WorkerLink::register(server.registration.as_fd()).unwrap();
-        link.arm().unwrap();
-        wait_for(&server, "ready", |s| s.ready == 1);
+        let mut link = ready_worker(&server);
         let mut client = TcpStream::connect(server.address).unwrap();
         let delivery = receive(&mut link);
         assert_eq!(delivery.peer, client.local_addr().unwrap());
@@ -790,9 +796,7 @@ mod tests {
     #[test]
     fn a_worker_that_takes_its_connection_and_leaves_is_counted() {
         let server = start(0);
-        let mut link = WorkerLink::register(server.registration.as_fd()).unwrap();
-        link.arm().unwrap();
-        wait_for(&server, "ready", |s| s.ready == 1);
+        let mut link = ready_worker(&server);
         let _client = TcpStream::connect(server.address).unwrap();
         let _taken = receive(&mut link);
         drop(link);
@@ -804,9 +808,7 @@ mod tests {
     fn dropping_the_server_frees_the_port_and_tells_workers() {
         let server = start(0);
         let address = server.address;
-        let mut link = WorkerLink::register(server.registration.as_fd()).unwrap();
-        link.arm().unwrap();
-        wait_for(&server, "ready", |s| s.ready == 1);
+        let mut link = ready_worker(&server);
         drop(server);
         let again = Server::start(address, 16, 0).expect("the port is free again at once");
         assert_eq!(again.address, address);
