@@ -455,7 +455,6 @@ pub fn onclose_command(cell: &StateCell, objv: &[Obj], words: &[String]) -> CmdR
 /// `::socketserver::notifier ?poll|tcl?` — which notifier this process uses; `poll` switches to
 /// socketserver's (see `notifier.rs`). There is no way back: the handlers now live in it.
 pub fn notifier_command(cell: &StateCell, words: &[String]) -> CmdResult<Obj> {
-    let name = |poll: bool| Obj::string(if poll { "poll" } else { "tcl" });
     let interp = cell.borrow().interp;
     match words.get(1).map(String::as_str) {
         None => {}
@@ -475,5 +474,5 @@ pub fn notifier_command(cell: &StateCell, words: &[String]) -> CmdResult<Obj> {
         }
         Some(_) => return Err(CmdError::WrongArgs { words: 1, usage: "?poll|tcl?" }),
     }
-    Ok(name(ffi::poll_notifier_installed()))
+    Ok(Obj::string(if ffi::poll_notifier_installed() { "poll" } else { "tcl" }))
 }

@@ -282,8 +282,6 @@ struct Dispatcher {
     pollfds: Vec<libc::pollfd>,
     /// The worker slot behind each pollfd from index WORKERS_AT on.
     polled_workers: Vec<usize>,
-    /// Scratch space for reading READYs not waited for (see catch_up).
-    unread_pollfds: Vec<libc::pollfd>,
 }
 
 const CONTROL_AT: usize = 0;
@@ -312,7 +310,6 @@ impl Dispatcher {
             registrations_paused_until: None,
             pollfds: Vec::new(),
             polled_workers: Vec::new(),
-            unread_pollfds: Vec::new(),
         }
     }
 
@@ -408,8 +405,12 @@ impl Dispatcher {
     /// Brings the counters up to date for a snapshot: reads READYs not waited for, and counts
     /// the connections that workers have taken from their mailboxes since.
     fn catch_up(&mut self) {
-        self.read_unread_ready();
         for slot in 0..self.workers.len() {
+            // A READY not waited for (see build_pollfds): at most one per worker, and a receive
+            // that finds none costs no more than polling for it.
+            if self.workers[slot].as_ref().is_some_and(|w| !w.ready) {
+                self.serve_worker(slot);
+            }
             if self.workers[slot].as_ref().is_some_and(|w| w.sent_untaken && !has_message(w.mailbox_peer.as_fd())) {
                 self.note_taken(slot);
             }
@@ -550,29 +551,6 @@ impl Dispatcher {
         for conn in untaken.into_iter().rev() {
             self.waiting.push_front(conn);
         }
-    }
-
-    /// Reads the READYs that workers sent while this thread was not waiting for them (see
-    /// build_pollfds), with one poll that does not wait.
-    fn read_unread_ready(&mut self) {
-        let mut unread = std::mem::take(&mut self.unread_pollfds);
-        unread.clear();
-        unread.extend(self.workers.iter().flatten().filter(|w| !w.ready).map(|w| libc::pollfd {
-            fd: w.link.as_raw_fd(),
-            events: libc::POLLIN,
-            revents: 0,
-        }));
-        // SAFETY: unread is a live Vec of initialised pollfds and nfds is its length; no wait.
-        let found = unsafe { libc::poll(unread.as_mut_ptr(), unread.len() as libc::nfds_t, 0) };
-        if found > 0 {
-            for p in unread.iter().filter(|p| p.revents != 0) {
-                let slot = self.workers.iter().position(|w| w.as_ref().is_some_and(|w| w.link.as_raw_fd() == p.fd));
-                if let Some(slot) = slot {
-                    self.serve_worker(slot);
-                }
-            }
-        }
-        self.unread_pollfds = unread;
     }
 
     /// Hands waiting connections to ready workers, longest-waiting worker first. A READY not
