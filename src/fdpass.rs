@@ -260,10 +260,10 @@ pub fn listen(addr: SocketAddr, backlog: u32) -> io::Result<OwnedFd> {
     }
     socket::bind(fd.as_raw_fd(), &SockaddrStorage::from(addr)).map_err(errno)?;
     let backlog = backlog.min(i32::MAX as u32) as i32;
+    // Raw listen(2): nix 0.29's takes a Backlog that refuses values above SOMAXCONN, which the
+    // kernel would cap anyway.
     // SAFETY: listen(2) on a socket we own; the kernel caps the backlog at somaxconn.
-    if unsafe { libc::listen(fd.as_raw_fd(), backlog) } == -1 {
-        return Err(io::Error::last_os_error());
-    }
+    crate::sys::check(unsafe { libc::listen(fd.as_raw_fd(), backlog) })?;
     Ok(fd)
 }
 
@@ -288,17 +288,14 @@ pub fn accept(listener: BorrowedFd) -> io::Result<(OwnedFd, SocketAddr)> {
     let mut len = std::mem::size_of::<libc::sockaddr_storage>() as libc::socklen_t;
     // SAFETY: storage is a zeroed sockaddr_storage and len says its size, so the kernel writes
     // at most that much.
-    let fd = unsafe {
+    let fd = crate::sys::check(unsafe {
         libc::accept4(
             listener.as_raw_fd(),
             storage.as_mut_ptr().cast(),
             &mut len,
             libc::SOCK_CLOEXEC,
         )
-    };
-    if fd == -1 {
-        return Err(io::Error::last_os_error());
-    }
+    })?;
     // SAFETY: accept4 returned a new fd that nobody else owns.
     let fd = unsafe { OwnedFd::from_raw_fd(fd) };
     // SAFETY: storage was zero-initialised and the kernel filled at most len bytes of it.

@@ -12,6 +12,7 @@ mod ffi;
 mod fork_safety;
 mod notifier;
 mod process;
+mod sys;
 mod worker;
 
 use clib::{ClientData, Tcl_Interp, Tcl_Obj};
