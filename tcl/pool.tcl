@@ -14,7 +14,8 @@
 namespace eval ::socketserver::pool {
     variable counter 0
     variable running {}    ;# pools not yet stopped, all served by one SIGCHLD trap
-    variable options {-port -workers -init -maxconnections -timeout -grace -log -signals -notifier}
+    variable options {-port -workers -init -maxconnections -timeout -grace -log -signals -notifier
+                      -restartdelay -maxrestartdelay}
     namespace export create
     namespace ensemble create -subcommands {create}
 }
@@ -24,12 +25,14 @@ proc ::socketserver::pool::create {args} {
     variable counter
     if {[llength $args] % 2 == 0} {
         return -code error -errorcode {TCL WRONGARGS} \
-            "wrong # args: should be \"::socketserver::pool create ?-port port? ?-workers n? ?-init script? ?-maxconnections n? ?-timeout ms? ?-grace ms? ?-log command? ?-signals bool? ?-notifier poll|tcl? handler\""
+            "wrong # args: should be \"::socketserver::pool create ?-port port? ?-workers n? ?-init script? ?-maxconnections n? ?-timeout ms? ?-grace ms? ?-log command? ?-signals bool? ?-notifier poll|tcl? ?-restartdelay ms? ?-maxrestartdelay ms? handler\""
     }
     set handler [lindex $args end]
+    # Checked here, once, rather than failing later in every worker.
+    CheckPrefix handler $handler
     set config [dict create -port {} -workers 4 -init {} -maxconnections 0 -timeout 0 \
                     -grace 5000 -log [list ::socketserver::pool::LogToStderr] -signals 0 \
-                    -notifier poll]
+                    -notifier poll -restartdelay 1000 -maxrestartdelay 60000]
     set config [ParseOptions $config [lrange $args 0 end-1]]
     if {[dict get $config -port] eq {}} {
         dict set config -port [dict get [::socketserver::info] port]
@@ -40,15 +43,26 @@ proc ::socketserver::pool::create {args} {
     namespace eval $name {
         variable config
         variable handler
-        variable workers [dict create] ;# pid -> {started ms role new|old|retiring}
+        variable workers [dict create] ;# pid -> {started ms role new|old|retiring registered 0|1}
         variable totals [dict create respawned 0 recycled 0 timeouts 0 reloads 0]
         variable counts [dict create accepted 0 delivered 0]
         variable stopping 0
         variable stopped 0
         variable tick {}
+        # Failed starts in a row, and the timer of the delayed start they caused (see Reap).
+        variable failedstarts 0
+        variable restart {}
+        variable backoff 0
+        # While a reload runs: {fresh pids failed 0|1 pending 0|1} (see Reload).
+        variable reloading {}
         # A pipe whose write end only the monitor keeps: workers see EOF when it is gone.
         variable lifeline [chan pipe]
+        # A pipe on which each worker writes its pid once it has registered with the dispatcher:
+        # the monitor learns it without polling, before it reaps the worker.
+        variable started [chan pipe]
     }
+    chan configure [lindex [set ${name}::started] 0] -blocking 0
+    chan event [lindex [set ${name}::started] 0] readable [list ::socketserver::pool::Started $name]
     set ${name}::config $config
     set ${name}::handler $handler
     proc $name {method args} [format {::socketserver::pool::Dispatch %s $method $args} [list $name]]
@@ -56,13 +70,26 @@ proc ::socketserver::pool::create {args} {
     lappend running $name
     ::socketserver::trap CHLD ::socketserver::pool::ReapAll
     if {[dict get $config -signals]} {
-        ::socketserver::trap TERM [list ::socketserver::pool::StopOnSignal $name TERM]
-        ::socketserver::trap INT [list ::socketserver::pool::StopOnSignal $name INT]
-        ::socketserver::trap HUP [list ::socketserver::pool::Reload $name 0]
+        # One trap per signal for every pool that asked: the last pool created must not take
+        # them from the others.
+        foreach signal {TERM INT HUP} {
+            ::socketserver::trap $signal [list ::socketserver::pool::OnSignal $signal]
+        }
     }
     Refill $name
     Tick $name
     return $name
+}
+
+# Raises a clear error unless value is a non-empty list (a command prefix called with {*}).
+proc ::socketserver::pool::CheckPrefix {what value} {
+    if {[catch {llength $value} n options]} {
+        return -code error -errorcode [dict get $options -errorcode] \
+            "bad $what \"$value\": not a valid command prefix ($n)"
+    }
+    if {$what eq "handler" && $n == 0} {
+        return -code error -errorcode {TCL VALUE LIST} "bad handler \"\": empty command prefix"
+    }
 }
 
 proc ::socketserver::pool::ParseOptions {config words} {
@@ -73,7 +100,7 @@ proc ::socketserver::pool::ParseOptions {config words} {
                 "bad option \"$option\": must be [join [lrange $options 0 end-1] {, }], or [lindex $options end]"
         }
         switch -- $option {
-            -workers - -maxconnections - -timeout - -grace {
+            -workers - -maxconnections - -timeout - -grace - -restartdelay - -maxrestartdelay {
                 if {![string is entier -strict $value] || $value < 0} {
                     return -code error -errorcode {TCL VALUE NUMBER} \
                         "expected non-negative integer but got \"$value\""
@@ -84,6 +111,9 @@ proc ::socketserver::pool::ParseOptions {config words} {
                     return -code error -errorcode {TCL VALUE BOOLEAN} \
                         "expected boolean value but got \"$value\""
                 }
+            }
+            -log {
+                CheckPrefix "-log command" $value
             }
             -notifier {
                 if {$value ni {poll tcl}} {
@@ -103,7 +133,10 @@ proc ::socketserver::pool::Dispatch {name method words} {
         return -code error -errorcode [list TCL LOOKUP INDEX method $method] \
             "bad method \"$method\": must be [join [lrange $methods 0 end-1] {, }], or [lindex $methods end]"
     }
-    if {[set ${name}::stopped] && $method ni {stats wait cget}} {
+    # While a stop runs (in a nested event loop) the pool is as good as stopped; a second stop
+    # returns at once.
+    if {([set ${name}::stopped] || ([set ${name}::stopping] && $method ne "stop"))
+            && $method ni {stats wait cget}} {
         return -code error -errorcode {SOCKETSERVER POOL STOPPED} "pool $name is stopped"
     }
     switch -- $method {
@@ -176,7 +209,8 @@ proc ::socketserver::pool::Dispatch {name method words} {
 proc ::socketserver::pool::Log {name message} {
     set log [dict get [set ${name}::config] -log]
     if {$log ne {}} {
-        if {[catch {{*}$log $message} error options]} {
+        # Only an error is one: a break, continue or return from the command is not.
+        if {[catch {{*}$log $message} error options] == 1} {
             catch {{*}[interp bgerror {}] $error $options}
         }
     }
@@ -197,15 +231,41 @@ proc ::socketserver::pool::Active {name} {
     return $active
 }
 
-proc ::socketserver::pool::Refill {name} {
-    upvar #0 ${name}::stopping stopping
-    if {$stopping} {
+# Forks workers until the pool has its size.  The refill after a worker ended (auto) waits while
+# a failed start has delayed the next one; an operator's (create, resize, reload) starts at once.
+proc ::socketserver::pool::Refill {name {auto 0}} {
+    upvar #0 ${name}::stopping stopping ${name}::restart restart ${name}::backoff backoff
+    if {$stopping || ($auto && $restart ne {})} {
         return
     }
+    after cancel $restart
+    set restart {}
+    set backoff 0
     set want [dict get [set ${name}::config] -workers]
     for {set have [llength [Active $name]]} {$have < $want} {incr have} {
-        Spawn $name
+        if {[catch {Spawn $name} error]} {
+            FailedStart $name "cannot fork a worker: $error"
+            return
+        }
     }
+}
+
+# A worker failed to start, or could not be forked: the next start waits -restartdelay ms,
+# doubled for each failed start in a row up to -maxrestartdelay, as supervisors back off
+# (systemd's RestartSteps and StartLimitBurst); failures while a start is delayed are one round.
+# A worker that registers with the dispatcher ends the run (see Started).
+proc ::socketserver::pool::FailedStart {name why} {
+    upvar #0 ${name}::restart restart ${name}::failedstarts failedstarts ${name}::backoff backoff
+    if {$restart ne {}} {
+        Log $name "$why: next start already delayed"
+        return
+    }
+    incr failedstarts
+    set config [set ${name}::config]
+    set backoff [expr {min([dict get $config -maxrestartdelay],
+                           [dict get $config -restartdelay] << min($failedstarts - 1, 32))}]
+    Log $name "$why: $failedstarts failed starts in a row, next start in $backoff ms"
+    set restart [after $backoff [list ::socketserver::pool::Refill $name]]
 }
 
 proc ::socketserver::pool::Spawn {name} {
@@ -219,8 +279,24 @@ proc ::socketserver::pool::Spawn {name} {
         catch {WorkerMain $name}
         exit 1
     }
-    dict set ${name}::workers $pid [dict create started [clock milliseconds] role new]
+    dict set ${name}::workers $pid [dict create started [clock milliseconds] role new registered 0]
     return $pid
+}
+
+# The started pipe is readable: workers that have registered with the dispatcher wrote their pid.
+proc ::socketserver::pool::Started {name} {
+    upvar #0 ${name}::workers workers ${name}::failedstarts failedstarts
+    set chan [lindex [set ${name}::started] 0]
+    while {[gets $chan pid] >= 0} {
+        if {![dict exists $workers $pid]} {
+            continue ;# not ours (a worker writes nothing else): ignore
+        }
+        dict set workers $pid registered 1
+        if {$failedstarts > 0} {
+            Log $name "worker $pid started after $failedstarts failed starts"
+            set failedstarts 0
+        }
+    }
 }
 
 proc ::socketserver::pool::Retire {name pid} {
@@ -242,24 +318,64 @@ proc ::socketserver::pool::Resize {name count} {
     Refill $name
 }
 
+# Replaces every worker (see ReloadRound).  A reload asked for while one runs (it waits in a
+# nested event loop, where a SIGHUP or a timer can ask again) would retire the workers the
+# running one is waiting for: a SIGHUP's is coalesced instead, the running reload is followed by
+# exactly one more; the method's cannot wait for that (the running reload is below it on the
+# stack) and is refused.
+proc ::socketserver::pool::Reload {name wait} {
+    upvar #0 ${name}::reloading reloading ${name}::stopping stopping
+    if {$stopping} {
+        Log $name "reload ignored: the pool is stopping" ;# a SIGHUP's: the method refuses earlier
+        return
+    }
+    if {$reloading ne {}} {
+        if {$wait} {
+            return -code error -errorcode {SOCKETSERVER POOL BUSY} \
+                "reload already in progress in pool $name"
+        }
+        dict set reloading pending 1
+        Log $name "reload asked for during a reload: another one follows it"
+        return
+    }
+    set reloading [dict create fresh {} failed 0 pending 0]
+    set code [catch {ReloadRound $name $wait} result options]
+    while {[dict get $reloading pending] && !$stopping} {
+        dict set reloading pending 0
+        catch {ReloadRound $name 0}
+    }
+    set reloading {}
+    return -options $options $result
+}
+
 # Starts fresh workers, waits until they are registered with the dispatcher, then retires the
 # old ones. With wait, returns only when every old worker has exited (so every connection
 # accepted after that is served by a new worker). If a fresh worker dies or does not register
 # within 10 s (say, the new code fails in -init), the old workers stay and the reload fails.
-proc ::socketserver::pool::Reload {name wait} {
-    upvar #0 ${name}::workers workers
+# Fresh workers retired meanwhile (by a resize) are not waited for; a stop ends the reload.
+proc ::socketserver::pool::ReloadRound {name wait} {
+    upvar #0 ${name}::workers workers ${name}::reloading reloading ${name}::stopping stopping
     set old [Active $name]
     foreach pid $old {
         dict set workers $pid role old
     }
     Log $name "reload: replacing [llength $old] workers"
     Refill $name
-    set fresh [Active $name]
+    dict set reloading fresh [Active $name]
+    dict set reloading failed 0
     set port [dict get [set ${name}::config] -port]
     WaitFor [expr {[clock milliseconds] + 10000}] {
-        [llength [Unregistered $port $fresh]] == 0 || [llength [Alive $name $fresh]] < [llength $fresh]
+        $stopping || [dict get $reloading failed] || ![llength [Unregistered $port [Fresh $name]]]
     }
-    if {[llength [Unregistered $port $fresh]] > 0} {
+    if {$stopping} {
+        Log $name "reload abandoned: the pool was stopped"
+        if {$wait} {
+            return -code error -errorcode {SOCKETSERVER POOL STOPPED} \
+                "reload abandoned: pool $name was stopped"
+        }
+        return
+    }
+    if {[dict get $reloading failed] || [llength [Unregistered $port [Fresh $name]]]} {
         foreach pid [Active $name] {
             Retire $name $pid
         }
@@ -267,6 +383,7 @@ proc ::socketserver::pool::Reload {name wait} {
             dict set workers $pid role new
         }
         Log $name "reload failed: the new workers did not start; keeping the old ones"
+        Refill $name 1 ;# for old workers that ended during the reload
         if {$wait} {
             return -code error -errorcode {SOCKETSERVER POOL RELOAD} \
                 "reload failed: the new workers did not start; the old ones keep serving"
@@ -279,6 +396,14 @@ proc ::socketserver::pool::Reload {name wait} {
     }
     if {$wait} {
         AwaitExit $name $old [dict get [set ${name}::config] -grace]
+    }
+}
+
+# The running reload's fresh workers that the pool still wants.
+proc ::socketserver::pool::Fresh {name} {
+    set workers [set ${name}::workers]
+    lmap pid [dict get [set ${name}::reloading] fresh] {
+        expr {[dict exists $workers $pid] && [dict get $workers $pid role] eq "new" ? $pid : [continue]}
     }
 }
 
@@ -322,6 +447,9 @@ proc ::socketserver::pool::Stop {name grace} {
     }
     set stopping 1
     after cancel [set ${name}::tick]
+    after cancel [set ${name}::restart]
+    set ${name}::restart {}
+    set ${name}::backoff 0
     set port [dict get [set ${name}::config] -port]
     Log $name "stopping: no new connections; waiting up to $grace ms for busy workers"
     Stats $name ;# keeps the server's last counts for stats after the stop
@@ -336,21 +464,35 @@ proc ::socketserver::pool::Stop {name grace} {
     if {![llength $running]} {
         ::socketserver::trap CHLD {}
     }
-    if {[dict get [set ${name}::config] -signals]} {
+    # The signal traps serve every pool with -signals: removed with the last of them.
+    if {[dict get [set ${name}::config] -signals] && ![llength [SignalPools]]} {
         foreach signal {TERM INT HUP} {
             ::socketserver::trap $signal {}
         }
     }
-    foreach chan [set ${name}::lifeline] {
+    foreach chan [list {*}[set ${name}::lifeline] {*}[set ${name}::started]] {
         catch {close $chan}
     }
     Log $name "stopped"
     set ${name}::stopped 1
 }
 
-proc ::socketserver::pool::StopOnSignal {name signal} {
-    Log $name "SIG$signal received"
-    Stop $name [dict get [set ${name}::config] -grace]
+# The running pools created with -signals 1.
+proc ::socketserver::pool::SignalPools {} {
+    variable running
+    lmap name $running {expr {[dict get [set ${name}::config] -signals] ? $name : [continue]}}
+}
+
+# SIGTERM and SIGINT stop, SIGHUP reloads, every pool created with -signals 1.
+proc ::socketserver::pool::OnSignal {signal} {
+    foreach name [SignalPools] {
+        if {$signal eq "HUP"} {
+            Reload $name 0
+        } else {
+            Log $name "SIG$signal received"
+            Stop $name [dict get [set ${name}::config] -grace]
+        }
+    }
 }
 
 proc ::socketserver::pool::ReapAll {} {
@@ -362,9 +504,14 @@ proc ::socketserver::pool::ReapAll {} {
 
 # SIGCHLD: reap every ended child of ours, say why it ended, and replace it.
 proc ::socketserver::pool::Reap {name} {
-    upvar #0 ${name}::workers workers
+    upvar #0 ${name}::workers workers ${name}::reloading reloading
+    # A worker that registered just before it ended has said so: read that first.
+    Started $name
     # Only our own pids: waiting for any child would steal the ones `exec` waits for.
     foreach pid [dict keys $workers] {
+        if {![dict exists $workers $pid]} {
+            continue ;# reaped meanwhile, by a Reap nested in a -log command's event loop
+        }
         if {[catch {::socketserver::wait -nohang $pid} ended options]} {
             if {[lindex [dict get $options -errorcode] 1] ne "ECHILD"} {
                 continue
@@ -374,28 +521,30 @@ proc ::socketserver::pool::Reap {name} {
             continue
         }
         lassign $ended pid how detail
-        set role [dict get $workers $pid role]
-        set lifetime [expr {[clock milliseconds] - [dict get $workers $pid started]}]
+        set worker [dict get $workers $pid]
+        set lifetime [expr {[clock milliseconds] - [dict get $worker started]}]
         dict unset workers $pid
-        if {$role ne "new"} {
+        if {[dict get $worker role] ne "new"} {
             continue ;# retired on purpose
         }
-        if {$how eq "EXIT" && $detail eq "0"} {
+        set why [expr {$how eq "EXIT" ? "exited with code $detail" : "was killed by $detail"}]
+        # Killed from outside (an operator, -timeout) is not the worker's failure to start.
+        if {![dict get $worker registered] && $detail ni {SIGKILL SIGTERM}} {
+            dict incr ${name}::totals respawned
+            FailedStart $name "worker $pid $why after $lifetime ms, before it registered"
+        } elseif {$how eq "EXIT" && $detail eq "0"} {
             dict incr ${name}::totals recycled
             Log $name "worker $pid retired after -maxconnections: replacing it"
+            continue
         } else {
             dict incr ${name}::totals respawned
-            set why [expr {$how eq "EXIT" ? "exited with code $detail" : "was killed by $detail"}]
             Log $name "worker $pid $why after $lifetime ms: replacing it"
-            if {$lifetime < 1000 && $how eq "EXIT"} {
-                # A worker failing at start (its -init script?) is replaced after a pause, not
-                # in a tight fork loop.
-                after 1000 [list ::socketserver::pool::Refill $name]
-                continue
-            }
+        }
+        if {$reloading ne {} && $pid in [dict get $reloading fresh]} {
+            dict set reloading failed 1
         }
     }
-    Refill $name
+    Refill $name 1
 }
 
 # Every 100 ms: enforce -timeout on busy workers.
@@ -441,7 +590,8 @@ proc ::socketserver::pool::Stats {name} {
         dict set workers $pid [dict create state $state served $served started [dict get $worker started]]
     }
     return [dict merge [dict create port $port size [dict get $config -workers] workers $workers] \
-        [set ${name}::counts] [set ${name}::totals]]
+        [set ${name}::counts] [set ${name}::totals] \
+        [dict create failedstarts [set ${name}::failedstarts] backoff [set ${name}::backoff]]]
 }
 
 # ---- the worker side -------------------------------------------------------------------------
@@ -455,8 +605,9 @@ proc ::socketserver::pool::WorkerMain {name} {
         after cancel $id
     }
     set lifeline [set ${name}::lifeline]
+    set started [lindex [set ${name}::started] 1]
     foreach chan [chan names] {
-        if {$chan ni [list stdin stdout stderr [lindex $lifeline 0]]} {
+        if {$chan ni [list stdin stdout stderr [lindex $lifeline 0] $started]} {
             catch {chan event $chan readable {}}
             catch {chan event $chan writable {}}
             catch {chan configure $chan -blocking 0}
@@ -487,6 +638,12 @@ proc ::socketserver::pool::WorkerMain {name} {
         Log $name "worker [pid]: $error"
         set code 1
     } else {
+        # Registered: tell the monitor (one short write, atomic on a pipe), then let the pipe go.
+        catch {
+            chan configure $started -blocking 0
+            puts $started [pid]
+            close $started
+        }
         vwait ::socketserver::pool::worker_done
         set code $::socketserver::pool::worker_done
     }
