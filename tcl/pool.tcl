@@ -49,7 +49,8 @@ proc ::socketserver::pool::create {args} {
         variable stopping 0
         variable stopped 0
         variable tick {}
-        # Failed starts in a row, and the timer of the delayed start they caused (see Reap).
+        # Failed starts in a row, the timer of the delayed start they caused and its delay (ms)
+        # (see FailedStart).
         variable failedstarts 0
         variable restart {}
         variable backoff 0
@@ -339,10 +340,12 @@ proc ::socketserver::pool::Reload {name wait} {
         return
     }
     set reloading [dict create fresh {} failed 0 pending 0]
-    set code [catch {ReloadRound $name $wait} result options]
+    catch {ReloadRound $name $wait} result options
     while {[dict get $reloading pending] && !$stopping} {
         dict set reloading pending 0
-        catch {ReloadRound $name 0}
+        if {[catch {ReloadRound $name 0} error]} {
+            Log $name "reload failed: $error"
+        }
     }
     set reloading {}
     return -options $options $result
