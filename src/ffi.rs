@@ -125,25 +125,27 @@ pub fn trampoline<F>(interp: *mut Tcl_Interp, objc: c_int, objv: *const *mut Tcl
 where
     F: FnOnce() -> Result<Obj, CmdError>,
 {
-    match catch_unwind(AssertUnwindSafe(body)) {
-        Ok(Ok(result)) => {
+    match catch_panic(body).and_then(|result| result) {
+        Ok(result) => {
             // SAFETY: interp is live during its command; Tcl takes its own reference.
             unsafe { clib::Tcl_SetObjResult(interp, result.as_ptr()) };
             TCL_OK
         }
-        Ok(Err(err)) => set_error(interp, objc, objv, err),
-        Err(panic) => set_error(interp, objc, objv, internal_error(panic)),
+        Err(err) => set_error(interp, objc, objv, err),
     }
 }
 
-/// A panic as a Tcl error: a bug in this package, reported rather than lost.
-fn internal_error(panic: Box<dyn std::any::Any + Send>) -> CmdError {
-    let why = panic
-        .downcast_ref::<&str>()
-        .map(|s| s.to_string())
-        .or_else(|| panic.downcast_ref::<String>().cloned())
-        .unwrap_or_default();
-    CmdError::new(format!("socketserver internal error: {why}"), &["SOCKETSERVER", "INTERNAL"])
+/// Runs `body`, turning a panic (a bug in this package) into the error that reports it, so that
+/// it never unwinds into Tcl and is never lost.
+fn catch_panic<T>(body: impl FnOnce() -> T) -> Result<T, CmdError> {
+    catch_unwind(AssertUnwindSafe(body)).map_err(|panic| {
+        let why = panic
+            .downcast_ref::<&str>()
+            .map(|s| s.to_string())
+            .or_else(|| panic.downcast_ref::<String>().cloned())
+            .unwrap_or_default();
+        CmdError::new(format!("socketserver internal error: {why}"), &["SOCKETSERVER", "INTERNAL"])
+    })
 }
 
 fn set_error(interp: *mut Tcl_Interp, objc: c_int, objv: *const *mut Tcl_Obj, err: CmdError) -> c_int {
@@ -604,9 +606,9 @@ pub fn interp_deleted(interp: *mut Tcl_Interp) -> bool {
 /// unwinding into Tcl: it becomes a background error of the interp (errorCode SOCKETSERVER
 /// INTERNAL), unless the interp is being deleted and has no one left to tell.
 pub fn guard_callback<F: FnOnce()>(interp: *mut Tcl_Interp, body: F) {
-    if let Err(panic) = catch_unwind(AssertUnwindSafe(body)) {
+    if let Err(err) = catch_panic(body) {
         if !interp_deleted(interp) {
-            background_error(interp, internal_error(panic));
+            background_error(interp, err);
         }
     }
 }
@@ -709,4 +711,19 @@ unsafe extern "C" fn run_close_script(event: *mut clib::Tcl_Event, flags: c_int)
         }
     });
     1
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn a_panic_becomes_an_internal_error_with_its_message() {
+        assert_eq!(catch_panic(|| 7), Ok(7));
+        let code = ["SOCKETSERVER", "INTERNAL"].map(String::from).to_vec();
+        let text = "socketserver internal error: slot 3 vanished".to_string();
+        assert_eq!(catch_panic(|| panic!("slot {} vanished", 3)), Err::<(), _>(CmdError::Message { text, code: code.clone() }));
+        let text = "socketserver internal error: static".to_string();
+        assert_eq!(catch_panic(|| panic!("static")), Err::<(), _>(CmdError::Message { text, code }));
+    }
 }
