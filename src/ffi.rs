@@ -722,7 +722,9 @@ mod tests {
         assert_eq!(catch_panic(|| 7), Ok(7));
         let code = ["SOCKETSERVER", "INTERNAL"].map(String::from).to_vec();
         let text = "socketserver internal error: slot 3 vanished".to_string();
-        assert_eq!(catch_panic(|| panic!("slot {} vanished", 3)), Err::<(), _>(CmdError::Message { text, code: code.clone() }));
+        // A runtime value, so that the message is a String (a literal is folded into a &str).
+        let slot = std::hint::black_box(3);
+        assert_eq!(catch_panic(|| panic!("slot {slot} vanished")), Err::<(), _>(CmdError::Message { text, code: code.clone() }));
         let text = "socketserver internal error: static".to_string();
         assert_eq!(catch_panic(|| panic!("static")), Err::<(), _>(CmdError::Message { text, code }));
     }
