@@ -11,7 +11,8 @@ use crate::notifier::{self, Callback};
 use clib::{ClientData, Tcl_Interp, Tcl_Obj};
 use std::cell::RefCell;
 use std::ffi::{c_char, c_int, CStr, CString};
-use std::os::fd::{IntoRawFd, OwnedFd, RawFd};
+use nix::sys::socket::{getsockopt, sockopt};
+use std::os::fd::{BorrowedFd, IntoRawFd, OwnedFd, RawFd};
 use std::panic::{catch_unwind, AssertUnwindSafe};
 use std::ptr::NonNull;
 use std::sync::atomic::{AtomicBool, Ordering::SeqCst};
@@ -388,7 +389,7 @@ fn open_fds() -> Vec<RawFd> {
     match std::fs::read_dir("/proc/self/fd") {
         Ok(dir) => dir.filter_map(|e| e.ok()?.file_name().to_str()?.parse().ok()).collect(),
         Err(_) => {
-            // SAFETY: sysconf only reads a limit.
+            // SAFETY: sysconf only reads a limit (-1, for none known, is clamped to no fds).
             let max = unsafe { libc::sysconf(libc::_SC_OPEN_MAX) }.clamp(0, 65536) as RawFd;
             (0..max).collect()
         }
@@ -424,13 +425,9 @@ fn unmovable(chan: clib::Tcl_Channel) -> bool {
         !kind.is_null() && !(*kind).typeName.is_null() && CStr::from_ptr((*kind).typeName) == c"tcp"
     };
     let listening = channel_fds(chan).into_iter().any(|fd| {
-        let mut value: c_int = 0;
-        let mut len = std::mem::size_of::<c_int>() as libc::socklen_t;
-        // SAFETY: getsockopt writes at most len bytes into the live c_int.
-        let ok = unsafe {
-            libc::getsockopt(fd, libc::SOL_SOCKET, libc::SO_ACCEPTCONN, (&mut value as *mut c_int).cast(), &mut len)
-        } == 0;
-        ok && value != 0
+        // SAFETY: fd is the channel's open fd, borrowed only for this call.
+        let fd = unsafe { BorrowedFd::borrow_raw(fd) };
+        getsockopt(&fd, sockopt::AcceptConn).unwrap_or(false)
     });
     is_tcp && (listening || channel_option(chan, c"-connecting").as_deref() == Some("1"))
 }
