@@ -464,12 +464,14 @@ pub fn trap_command(cell: &StateCell, objv: &[Obj], words: &[String]) -> CmdResu
 /// thread that traps it.
 unsafe extern "C" fn on_signal_pipe(_data: ClientData, _mask: c_int) {
     let Ok(pipe) = process::trap_pipe() else { return };
+    // try_with: never a panic here, where nothing would catch it (TRAPPERS is gone only while
+    // the thread exits).
+    let listed = || TRAPPERS.try_with(|trappers| trappers.borrow().clone()).unwrap_or_default();
     for signal in process::drain_signals(pipe) {
-        let trappers = TRAPPERS.with(|trappers| trappers.borrow().clone());
-        for (interp, cell) in trappers {
+        for (interp, cell) in listed() {
             // A trap run before this one may have deleted the interp, freeing its state (once
             // nothing preserves the interp): only an interp still listed has a live state.
-            if !TRAPPERS.with(|trappers| trappers.borrow().iter().any(|(i, _)| *i == interp)) {
+            if !listed().iter().any(|(i, _)| *i == interp) {
                 continue;
             }
             // SAFETY: the state is live while its interp is listed (its Drop unlists it).
