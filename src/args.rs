@@ -2,7 +2,7 @@
 
 use std::net::{IpAddr, Ipv4Addr, SocketAddr, ToSocketAddrs};
 
-pub const SERVER_USAGE: &str = "?-myaddr addr? ?-backlog n? ?-queue n? port";
+pub const SERVER_USAGE: &str = "?-myaddr addr? ?-backlog n? ?-queue n? ?-maxworkers n? port";
 pub const CLIENT_USAGE: &str = "?-port port? handler";
 pub const CLOSE_USAGE: &str = "port";
 pub const INFO_USAGE: &str = "?port?";
@@ -38,6 +38,45 @@ pub struct ServerArgs {
     pub address: SocketAddr,
     pub backlog: u32,
     pub queue: usize,
+    /// `-maxworkers`: how many workers may register at once; None = the dispatcher's default.
+    pub max_workers: Option<usize>,
+}
+
+/// Finds `word` in `table` as Tcl_GetIndexFromObj does: an exact match, or else a prefix of
+/// exactly one entry (never the empty word). Otherwise the error says what `word` had to be, in
+/// Tcl's words (`bad option "-x": must be -a, -b, or -c`, or `ambiguous option ...`), with
+/// errorCode `TCL LOOKUP INDEX <what> <word>`. `what` names the kind of word ("option", ...).
+pub fn lookup(word: &str, table: &[&str], what: &str) -> CmdResult<usize> {
+    if let Some(exact) = table.iter().position(|entry| *entry == word) {
+        return Ok(exact);
+    }
+    let mut prefixed = table.iter().enumerate().filter(|(_, entry)| entry.starts_with(word));
+    let (first, second) = (prefixed.next(), prefixed.next());
+    match (first, second) {
+        (Some((index, _)), None) if !word.is_empty() => return Ok(index),
+        _ => {}
+    }
+    let adjective = if second.is_some() { "ambiguous" } else { "bad" };
+    let text = format!("{adjective} {what} \"{word}\": {}", choices(table));
+    Err(CmdError::new(text, &["TCL", "LOOKUP", "INDEX", what, word]))
+}
+
+/// "must be a, b, or c" as Tcl_GetIndexFromObj writes it (empty entries are skipped except last).
+fn choices(table: &[&str]) -> String {
+    let Some((first, rest)) = table.split_first() else { return "no valid options".into() };
+    let mut text = format!("must be {first}");
+    let mut commas = 0;
+    for (at, entry) in rest.iter().enumerate() {
+        if at + 1 == rest.len() {
+            text.push_str(if commas > 0 { ", or " } else { " or " });
+            text.push_str(entry);
+        } else if !entry.is_empty() {
+            text.push_str(", ");
+            text.push_str(entry);
+            commas += 1;
+        }
+    }
+    text
 }
 
 /// A decimal number of type T, digits only (no sign, no spaces), or `expected <what> but got`.
@@ -71,28 +110,26 @@ fn resolve(host: &str) -> CmdResult<IpAddr> {
     found.next().map(|a| a.ip()).ok_or_else(|| failed("no address found".into()))
 }
 
-fn bad_option(word: &str, choices: &str) -> CmdError {
-    CmdError::new(format!("bad option \"{word}\": must be {choices}"), &["TCL", "LOOKUP", "INDEX", "option", word])
-}
-
-/// `server ?-myaddr addr? ?-backlog n? ?-queue n? port` — `args` are the words after `server`.
+/// `server ?-myaddr addr? ?-backlog n? ?-queue n? ?-maxworkers n? port` — `args` are the words
+/// after `server`.
 pub fn parse_server(args: &[&str]) -> CmdResult<ServerArgs> {
-    const OPTIONS: [&str; 3] = ["-myaddr", "-backlog", "-queue"];
+    const OPTIONS: [&str; 4] = ["-backlog", "-maxworkers", "-myaddr", "-queue"];
     let wrong = CmdError::WrongArgs { words: 2, usage: SERVER_USAGE };
     let Some((port, options)) = args.split_last() else { return Err(wrong) };
-    if OPTIONS.contains(port) {
+    if port.starts_with('-') && lookup(port, &OPTIONS, "option").is_ok() {
         return Err(CmdError::new(format!("value for \"{port}\" missing"), &["TCL", "ARGUMENT", "MISSING"]));
     }
     if options.len() % 2 == 1 {
         return Err(wrong);
     }
-    let (mut host, mut backlog, mut queue) = (None, DEFAULT_BACKLOG, 0);
+    let (mut host, mut backlog, mut queue, mut max_workers) = (None, DEFAULT_BACKLOG, 0, None);
     for pair in options.chunks_exact(2) {
-        match pair[0] {
-            "-myaddr" => host = Some(pair[1]),
-            "-backlog" => backlog = parse_count(pair[1])?,
-            "-queue" => queue = parse_count(pair[1])? as usize,
-            other => return Err(bad_option(other, "-backlog, -myaddr, or -queue")),
+        // The index into OPTIONS.
+        match lookup(pair[0], &OPTIONS, "option")? {
+            0 => backlog = parse_count(pair[1])?,
+            1 => max_workers = Some(parse_decimal(pair[1], "non-negative integer", "NUMBER")?),
+            2 => host = Some(pair[1]),
+            _ => queue = parse_count(pair[1])? as usize,
         }
     }
     let port = parse_port(port)?;
@@ -100,7 +137,7 @@ pub fn parse_server(args: &[&str]) -> CmdResult<ServerArgs> {
         Some(host) => resolve(host)?,
         None => Ipv4Addr::UNSPECIFIED.into(),
     };
-    Ok(ServerArgs { address: SocketAddr::new(ip, port), backlog, queue })
+    Ok(ServerArgs { address: SocketAddr::new(ip, port), backlog, queue, max_workers })
 }
 
 /// `client ?-port port? handler` — returns the port, if given, and the handler word's index.
@@ -108,8 +145,10 @@ pub fn parse_client(args: &[&str]) -> CmdResult<(Option<u16>, usize)> {
     match args {
         ["-port"] => Err(CmdError::WrongArgs { words: 2, usage: CLIENT_USAGE }),
         [_handler] => Ok((None, 0)),
-        ["-port", port, _handler] => Ok((Some(parse_port(port)?), 2)),
-        [option, _, _] if option.starts_with('-') => Err(bad_option(option, "-port")),
+        [option, port, _handler] if option.starts_with('-') => {
+            lookup(option, &["-port"], "option")?;
+            Ok((Some(parse_port(port)?), 2))
+        }
         _ => Err(CmdError::WrongArgs { words: 2, usage: CLIENT_USAGE }),
     }
 }
@@ -155,13 +194,18 @@ mod tests {
     #[test]
     fn server_defaults_to_all_ipv4_addresses() {
         let parsed = parse_server(&["8080"]).unwrap();
-        assert_eq!(parsed, ServerArgs { address: "0.0.0.0:8080".parse().unwrap(), backlog: 128, queue: 0 });
+        let expected = ServerArgs { address: "0.0.0.0:8080".parse().unwrap(), backlog: 128, queue: 0, max_workers: None };
+        assert_eq!(parsed, expected);
     }
 
     #[test]
     fn server_takes_options_before_the_port() {
         let parsed = parse_server(&["-myaddr", "::1", "-queue", "4", "-backlog", "9", "0"]).unwrap();
-        assert_eq!(parsed, ServerArgs { address: "[::1]:0".parse().unwrap(), backlog: 9, queue: 4 });
+        let expected = ServerArgs { address: "[::1]:0".parse().unwrap(), backlog: 9, queue: 4, max_workers: None };
+        assert_eq!(parsed, expected);
+        let parsed = parse_server(&["-maxworkers", "0", "-b", "3", "-q", "2", "-maxw", "1000", "80"]).unwrap();
+        let expected = ServerArgs { address: "0.0.0.0:80".parse().unwrap(), backlog: 3, queue: 2, max_workers: Some(1000) };
+        assert_eq!(parsed, expected);
         let parsed = parse_server(&["-myaddr", "localhost", "0"]).unwrap();
         assert!(parsed.address.ip().is_loopback());
     }
@@ -170,7 +214,11 @@ mod tests {
     fn server_reports_bad_arguments_in_tcl_style() {
         assert_eq!(parse_server(&[]), Err(CmdError::WrongArgs { words: 2, usage: SERVER_USAGE }));
         assert_eq!(parse_server(&["1", "2"]), Err(CmdError::WrongArgs { words: 2, usage: SERVER_USAGE }));
-        assert_eq!(text(parse_server(&["-x", "1", "80"]).unwrap_err()), "bad option \"-x\": must be -backlog, -myaddr, or -queue");
+        let all = "-backlog, -maxworkers, -myaddr, or -queue";
+        assert_eq!(text(parse_server(&["-x", "1", "80"]).unwrap_err()), format!("bad option \"-x\": must be {all}"));
+        assert_eq!(text(parse_server(&["-m", "1", "80"]).unwrap_err()), format!("ambiguous option \"-m\": must be {all}"));
+        assert_eq!(text(parse_server(&["-maxworkers", "-1", "80"]).unwrap_err()), "expected non-negative integer but got \"-1\"");
+        assert_eq!(text(parse_server(&["-maxworkers", "1", "-my"]).unwrap_err()), "value for \"-my\" missing");
         assert_eq!(text(parse_server(&["-queue", "1", "-myaddr"]).unwrap_err()), "value for \"-myaddr\" missing");
         assert_eq!(text(parse_server(&["-queue", "-1", "80"]).unwrap_err()), "expected non-negative integer but got \"-1\"");
         assert_eq!(text(parse_server(&["-backlog", "x", "80"]).unwrap_err()), "expected non-negative integer but got \"x\"");
@@ -182,10 +230,26 @@ mod tests {
     fn client_takes_an_optional_port_and_a_handler() {
         assert_eq!(parse_client(&["h"]), Ok((None, 0)));
         assert_eq!(parse_client(&["-port", "80", "h"]), Ok((Some(80), 2)));
-        assert_eq!(text(parse_client(&["-p", "80", "h"]).unwrap_err()), "bad option \"-p\": must be -port");
+        assert_eq!(parse_client(&["-p", "80", "h"]), Ok((Some(80), 2)));
+        assert_eq!(text(parse_client(&["-x", "80", "h"]).unwrap_err()), "bad option \"-x\": must be -port");
         assert_eq!(parse_client(&[]), Err(CmdError::WrongArgs { words: 2, usage: CLIENT_USAGE }));
         assert_eq!(parse_client(&["-port"]), Err(CmdError::WrongArgs { words: 2, usage: CLIENT_USAGE }));
         assert_eq!(parse_client(&["a", "b"]), Err(CmdError::WrongArgs { words: 2, usage: CLIENT_USAGE }));
+    }
+
+    #[test]
+    fn lookup_takes_an_exact_word_or_a_unique_prefix_as_tcl_does() {
+        let table = ["-a", "-ab", "-b", "-c"];
+        assert_eq!(lookup("-ab", &table, "option"), Ok(1));
+        assert_eq!(lookup("-a", &table, "option"), Ok(0), "exact beats prefix");
+        assert_eq!(lookup("-b", &table, "option"), Ok(2));
+        assert_eq!(lookup("-c", &["-cat"], "option"), Ok(0));
+        let err = lookup("-", &table, "option").unwrap_err();
+        let code = ["TCL", "LOOKUP", "INDEX", "option", "-"].map(String::from).to_vec();
+        assert_eq!(err, CmdError::Message { text: "ambiguous option \"-\": must be -a, -ab, -b, or -c".into(), code });
+        assert_eq!(text(lookup("", &["x"], "mode").unwrap_err()), "bad mode \"\": must be x");
+        assert_eq!(text(lookup("z", &["x", "y"], "mode").unwrap_err()), "bad mode \"z\": must be x or y");
+        assert_eq!(text(lookup("z", &[], "mode").unwrap_err()), "bad mode \"z\": no valid options");
     }
 
     #[test]

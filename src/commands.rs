@@ -12,6 +12,7 @@ use crate::ffi::{self, Obj};
 use crate::process;
 use crate::worker::WorkerLink;
 use clib::{ClientData, Tcl_Interp};
+use nix::sys::signal::Signal;
 use std::cell::RefCell;
 use std::collections::HashMap;
 use std::ffi::c_int;
@@ -23,8 +24,8 @@ pub struct InterpState {
     /// In creation order: the first is the default port.
     servers: Vec<(u16, Server)>,
     slots: HashMap<u16, Slot>,
-    /// Scripts for trapped signals; the self-pipe is watched while any is set.
-    traps: HashMap<i32, Obj>,
+    /// Scripts for trapped signals; while any is set, the interp is in [`TRAPPERS`].
+    traps: HashMap<Signal, Obj>,
 }
 
 pub type StateCell = RefCell<InterpState>;
@@ -44,6 +45,7 @@ struct Slot {
 }
 
 struct HandlerTarget {
+    interp: *mut Tcl_Interp,
     state: *const StateCell,
     port: u16,
 }
@@ -99,11 +101,9 @@ impl Drop for InterpState {
         }
         if !self.traps.is_empty() {
             for &signal in self.traps.keys() {
-                let _ = process::set_trap(signal, false);
+                let _ = process::untrap(signal);
             }
-            if let Ok(pipe) = process::trap_pipe() {
-                ffi::delete_file_handler(pipe);
-            }
+            stop_trapping(self.interp);
         }
     }
 }
@@ -117,15 +117,15 @@ fn posix(prefix: &str, err: io::Error) -> CmdError {
 
 /// `::socketserver::socket server|client|close ...`
 pub fn socket_command(cell: &StateCell, objv: &[Obj], words: &[String]) -> CmdResult<Obj> {
-    const SUBCOMMANDS: &str = "client, close, or server";
+    const SUBCOMMANDS: [&str; 3] = ["client", "close", "server"];
     let Some(sub) = words.get(1) else {
         return Err(CmdError::WrongArgs { words: 1, usage: "subcommand ?arg ...?" });
     };
+    let sub = args::lookup(sub, &SUBCOMMANDS, "subcommand")?;
     let rest: Vec<&str> = words[2..].iter().map(String::as_str).collect();
     let mut state = cell.borrow_mut();
     state.forget_inherited_links();
-    match sub.as_str() {
-        "server" => server(&mut state, &rest),
+    match SUBCOMMANDS[sub] {
         "client" => {
             let (port, handler_at) = args::parse_client(&rest)?;
             client(cell, &mut state, port, objv[2 + handler_at].clone())
@@ -134,10 +134,7 @@ pub fn socket_command(cell: &StateCell, objv: &[Obj], words: &[String]) -> CmdRe
             let port = args::parse_close(&rest)?;
             close(&mut state, port)
         }
-        other => Err(CmdError::new(
-            format!("bad subcommand \"{other}\": must be {SUBCOMMANDS}"),
-            &["TCL", "LOOKUP", "INDEX", "subcommand", other],
-        )),
+        _ => server(&mut state, &rest),
     }
 }
 
@@ -177,7 +174,7 @@ fn client(cell: &StateCell, state: &mut InterpState, port: Option<u16>, handler:
                 return Err(posix(&format!("socketserver on port {port} is closed"), err));
             }
         };
-        let target = Box::new(HandlerTarget { state: cell, port });
+        let target = Box::new(HandlerTarget { interp: state.interp, state: cell, port });
         // The mailbox is watched for as long as the slot lives, armed or not: the dispatcher
         // sends nothing unasked, so an unarmed mailbox wakes us only when the server closes, and
         // no connection pays for changing the notifier's set of fds.
@@ -255,7 +252,7 @@ unsafe extern "C" fn on_readable(data: ClientData, _mask: c_int) {
     // SAFETY: the state outlives every handler: dropping it deletes them all first.
     let cell = unsafe { &*target.state };
     let port = target.port;
-    ffi::guard_callback(|| deliver(cell, port));
+    ffi::guard_callback(target.interp, || deliver(cell, port));
 }
 
 fn deliver(cell: &StateCell, port: u16) {
@@ -321,7 +318,7 @@ unsafe extern "C" fn arm_when_an_fd_is_free(data: ClientData) {
     // SAFETY: the state outlives every timer: dropping it deletes them all first.
     let cell = unsafe { &*target.state };
     let port = target.port;
-    ffi::guard_callback(|| {
+    ffi::guard_callback(target.interp, || {
         let mut state = cell.borrow_mut();
         // A forked child's copy of the timer must not arm the parent's link.
         state.forget_inherited_links();
@@ -360,8 +357,12 @@ pub fn fork_command(cell: &StateCell, words: &[String]) -> CmdResult<Obj> {
 /// `::socketserver::wait ?-nohang? ?pid?`
 pub fn wait_command(words: &[String]) -> CmdResult<Obj> {
     let wrong = CmdError::WrongArgs { words: 1, usage: "?-nohang? ?pid?" };
-    let (nohang, rest) = match words.get(1).map(String::as_str) {
-        Some("-nohang") => (true, &words[2..]),
+    // A pid is never negative, so a word starting with "-" is an option.
+    let (nohang, rest) = match words.get(1) {
+        Some(word) if word.starts_with('-') => {
+            args::lookup(word, &["-nohang"], "option")?;
+            (true, &words[2..])
+        }
         _ => (false, &words[1..]),
     };
     let pid = match rest {
@@ -385,7 +386,7 @@ fn parse_pid(word: &str) -> CmdResult<i32> {
 /// `::socketserver::kill ?signal? pid`
 pub fn kill_command(words: &[String]) -> CmdResult<Obj> {
     let (signal, pid) = match &words[1..] {
-        [pid] => (libc::SIGTERM, pid),
+        [pid] => (Signal::SIGTERM, pid),
         [signal, pid] => (process::parse_signal(signal)?, pid),
         _ => return Err(CmdError::WrongArgs { words: 1, usage: "?signal? pid" }),
     };
@@ -393,7 +394,43 @@ pub fn kill_command(words: &[String]) -> CmdResult<Obj> {
     Ok(Obj::string(""))
 }
 
-/// `::socketserver::trap signal ?script?` — with an empty script, the default action again.
+thread_local! {
+    /// The interps of this thread that trap signals, and their states. The self-pipe is watched
+    /// (by one file handler per thread) while there is any; a signal runs each one's trap of it.
+    static TRAPPERS: RefCell<Vec<(*mut Tcl_Interp, *const StateCell)>> = const { RefCell::new(Vec::new()) };
+}
+
+fn start_trapping(cell: &StateCell, interp: *mut Tcl_Interp, pipe: std::os::fd::RawFd) {
+    TRAPPERS.with(|trappers| {
+        let mut trappers = trappers.borrow_mut();
+        if trappers.iter().any(|(i, _)| *i == interp) {
+            return;
+        }
+        if trappers.is_empty() {
+            // SAFETY: the handler reads only TRAPPERS, whose entries leave with their states.
+            unsafe { ffi::create_file_handler(pipe, on_signal_pipe, std::ptr::null_mut()) };
+        }
+        trappers.push((interp, cell));
+    });
+}
+
+/// Takes `interp` out of [`TRAPPERS`] (its traps are gone, or it is): after this, its state is
+/// never reached from a signal.
+fn stop_trapping(interp: *mut Tcl_Interp) {
+    let _ = TRAPPERS.try_with(|trappers| {
+        let mut trappers = trappers.borrow_mut();
+        let before = trappers.len();
+        trappers.retain(|(i, _)| *i != interp);
+        if before > 0 && trappers.is_empty() {
+            if let Ok(pipe) = process::trap_pipe() {
+                ffi::delete_file_handler(pipe);
+            }
+        }
+    });
+}
+
+/// `::socketserver::trap signal ?script?` — with an empty script, the signal does again what it
+/// did before it was first trapped.
 pub fn trap_command(cell: &StateCell, objv: &[Obj], words: &[String]) -> CmdResult<Obj> {
     let (signal, script) = match objv.len() {
         2 => (process::parse_signal(&words[1])?, None),
@@ -405,41 +442,52 @@ pub fn trap_command(cell: &StateCell, objv: &[Obj], words: &[String]) -> CmdResu
         return Ok(state.traps.get(&signal).cloned().unwrap_or_else(|| Obj::string("")));
     };
     let pipe = process::trap_pipe()?;
-    let watching = !state.traps.is_empty();
     if script.to_string_lossy().is_empty() {
-        process::set_trap(signal, false)?;
-        state.traps.remove(&signal);
-        if watching && state.traps.is_empty() {
-            ffi::delete_file_handler(pipe);
+        if state.traps.contains_key(&signal) {
+            process::untrap(signal)?;
+            state.traps.remove(&signal);
+        }
+        if state.traps.is_empty() {
+            stop_trapping(state.interp);
         }
     } else {
-        process::set_trap(signal, true)?;
-        state.traps.insert(signal, script);
-        if !watching {
-            // SAFETY: the state outlives the handler: dropping it deletes the handler first.
-            unsafe { ffi::create_file_handler(pipe, on_signal_pipe, cell as *const StateCell as ClientData) };
+        if !state.traps.contains_key(&signal) {
+            process::trap(signal)?;
         }
+        state.traps.insert(signal, script);
+        start_trapping(cell, state.interp, pipe);
     }
     Ok(Obj::string(""))
 }
 
-unsafe extern "C" fn on_signal_pipe(data: ClientData, _mask: c_int) {
-    // SAFETY: data is the interp's StateCell, which outlives this handler.
-    let cell = unsafe { &*(data as *const StateCell) };
-    ffi::guard_callback(|| {
-        let Ok(pipe) = process::trap_pipe() else { return };
-        for signal in process::drain_signals(pipe) {
-            let (interp, script) = {
-                let state = cell.borrow();
-                (state.interp, state.traps.get(&signal).cloned())
-            };
-            if let Some(script) = script {
-                if !ffi::interp_deleted(interp) {
-                    ffi::call_in_background(interp, &script, &[]);
-                }
+/// The self-pipe's file handler: runs, for each signal read, the trap of every interp of this
+/// thread that traps it.
+unsafe extern "C" fn on_signal_pipe(_data: ClientData, _mask: c_int) {
+    let Ok(pipe) = process::trap_pipe() else { return };
+    // try_with: never a panic here, where nothing would catch it (TRAPPERS is gone only while
+    // the thread exits).
+    let listed = || TRAPPERS.try_with(|trappers| trappers.borrow().clone()).unwrap_or_default();
+    for signal in process::drain_signals(pipe) {
+        for (interp, cell) in listed() {
+            // A trap run before this one may have deleted the interp, freeing its state (once
+            // nothing preserves the interp): only an interp still listed has a live state.
+            if !listed().iter().any(|(i, _)| *i == interp) {
+                continue;
             }
+            // SAFETY: the state is live while its interp is listed (its Drop unlists it).
+            let cell = unsafe { &*cell };
+            ffi::guard_callback(interp, || {
+                let script = cell.borrow().traps.get(&signal).cloned();
+                if let Some(script) = script {
+                    if !ffi::interp_deleted(interp) {
+                        // Preserves the interp while the script runs; nothing here reads the
+                        // state after it returns.
+                        ffi::call_in_background(interp, &script, &[]);
+                    }
+                }
+            });
         }
-    });
+    }
 }
 
 /// `::socketserver::onclose channel script`
@@ -455,24 +503,22 @@ pub fn onclose_command(cell: &StateCell, objv: &[Obj], words: &[String]) -> CmdR
 /// `::socketserver::notifier ?poll|tcl?` — which notifier this process uses; `poll` switches to
 /// socketserver's (see `notifier.rs`). There is no way back: the handlers now live in it.
 pub fn notifier_command(cell: &StateCell, words: &[String]) -> CmdResult<Obj> {
+    const NOTIFIERS: [&str; 2] = ["poll", "tcl"];
     let interp = cell.borrow().interp;
-    match words.get(1).map(String::as_str) {
-        None => {}
-        Some("poll") if words.len() == 2 => ffi::install_poll_notifier(interp)?,
-        Some("tcl") if words.len() == 2 && ffi::poll_notifier_installed() => {
+    let wanted = match &words[1..] {
+        [] => None,
+        [name] => Some(NOTIFIERS[args::lookup(name, &NOTIFIERS, "notifier")?]),
+        _ => return Err(CmdError::WrongArgs { words: 1, usage: "?poll|tcl?" }),
+    };
+    match wanted {
+        Some("poll") => ffi::install_poll_notifier(interp)?,
+        Some(_) if ffi::poll_notifier_installed() => {
             return Err(CmdError::new(
                 "cannot go back to Tcl's notifier once the poll notifier is installed",
                 &["SOCKETSERVER", "NOTIFIER"],
             ));
         }
-        Some("tcl") if words.len() == 2 => {}
-        Some(other) if words.len() == 2 => {
-            return Err(CmdError::new(
-                format!("bad notifier \"{other}\": must be poll or tcl"),
-                &["TCL", "LOOKUP", "INDEX", "notifier", other],
-            ))
-        }
-        Some(_) => return Err(CmdError::WrongArgs { words: 1, usage: "?poll|tcl?" }),
+        _ => {}
     }
     Ok(Obj::string(if ffi::poll_notifier_installed() { "poll" } else { "tcl" }))
 }

@@ -11,7 +11,8 @@ use crate::notifier::{self, Callback};
 use clib::{ClientData, Tcl_Interp, Tcl_Obj};
 use std::cell::RefCell;
 use std::ffi::{c_char, c_int, CStr, CString};
-use std::os::fd::{IntoRawFd, OwnedFd, RawFd};
+use nix::sys::socket::{getsockopt, sockopt};
+use std::os::fd::{BorrowedFd, IntoRawFd, OwnedFd, RawFd};
 use std::panic::{catch_unwind, AssertUnwindSafe};
 use std::ptr::NonNull;
 use std::sync::atomic::{AtomicBool, Ordering::SeqCst};
@@ -60,6 +61,19 @@ impl Obj {
 
     pub fn as_ptr(&self) -> *mut Tcl_Obj {
         self.0.as_ptr()
+    }
+
+    /// Gives up this reference without releasing it, for a C structure to hold.
+    fn into_raw(self) -> *mut Tcl_Obj {
+        std::mem::ManuallyDrop::new(self).as_ptr()
+    }
+
+    /// Takes back a reference given up by [`Obj::into_raw`].
+    ///
+    /// # Safety
+    /// `ptr` must come from `into_raw` and be taken back once.
+    unsafe fn from_raw(ptr: *mut Tcl_Obj) -> Obj {
+        Obj(NonNull::new(ptr).expect("a reference from into_raw"))
     }
 
     pub fn to_string_lossy(&self) -> String {
@@ -112,23 +126,27 @@ pub fn trampoline<F>(interp: *mut Tcl_Interp, objc: c_int, objv: *const *mut Tcl
 where
     F: FnOnce() -> Result<Obj, CmdError>,
 {
-    match catch_unwind(AssertUnwindSafe(body)) {
-        Ok(Ok(result)) => {
+    match catch_panic(body).and_then(|result| result) {
+        Ok(result) => {
             // SAFETY: interp is live during its command; Tcl takes its own reference.
             unsafe { clib::Tcl_SetObjResult(interp, result.as_ptr()) };
             TCL_OK
         }
-        Ok(Err(err)) => set_error(interp, objc, objv, err),
-        Err(panic) => {
-            let why = panic
-                .downcast_ref::<&str>()
-                .map(|s| s.to_string())
-                .or_else(|| panic.downcast_ref::<String>().cloned())
-                .unwrap_or_default();
-            let err = CmdError::new(format!("socketserver internal error: {why}"), &["SOCKETSERVER", "INTERNAL"]);
-            set_error(interp, objc, objv, err)
-        }
+        Err(err) => set_error(interp, objc, objv, err),
     }
+}
+
+/// Runs `body`, turning a panic (a bug in this package) into the error that reports it, so that
+/// it never unwinds into Tcl and is never lost.
+fn catch_panic<T>(body: impl FnOnce() -> T) -> Result<T, CmdError> {
+    catch_unwind(AssertUnwindSafe(body)).map_err(|panic| {
+        let why = panic
+            .downcast_ref::<&str>()
+            .map(|s| s.to_string())
+            .or_else(|| panic.downcast_ref::<String>().cloned())
+            .unwrap_or_default();
+        CmdError::new(format!("socketserver internal error: {why}"), &["SOCKETSERVER", "INTERNAL"])
+    })
 }
 
 fn set_error(interp: *mut Tcl_Interp, objc: c_int, objv: *const *mut Tcl_Obj, err: CmdError) -> c_int {
@@ -224,18 +242,28 @@ pub fn poll_notifier_installed() -> bool {
 ///
 /// File handlers live in the notifier, so the ones registered before are moved over where that
 /// is possible: this thread's own (from [`create_file_handler`]) and those of the channels of
-/// `interp` (each channel registers its interest again when asked). Every handler of this
-/// thread is deleted from Tcl's notifier first, so that an event it had already queued finds
-/// none and does nothing. Listening sockets and sockets still connecting cannot be moved (their
-/// drivers keep their file handlers to themselves): then nothing changes and the error says
-/// which channel it is. Other C code's file handlers, and other threads', are not served by the
-/// poll notifier.
+/// every interp in `interp`'s tree, its root and all the root's children and their children
+/// (each channel registers its interest again when asked). Every handler of this thread is
+/// deleted from Tcl's notifier first, so that an event it had already queued finds none and does
+/// nothing. Listening sockets and sockets still connecting cannot be moved (their drivers keep
+/// their file handlers to themselves): then nothing changes and the error says which channel it
+/// is. Other C code's file handlers, other root interps', and other threads' are not served by
+/// the poll notifier.
 pub fn install_poll_notifier(interp: *mut Tcl_Interp) -> Result<(), CmdError> {
     if POLL_NOTIFIER.load(SeqCst) {
         return Ok(());
     }
-    let channels = interp_channels(interp);
-    if let Some(name) = channels.iter().find_map(|(name, chan)| unmovable(*chan).then_some(name)) {
+    let tree = interp_tree(interp);
+    let mut channels: Vec<(*mut Tcl_Interp, String, clib::Tcl_Channel)> = Vec::new();
+    for &member in &tree {
+        for (name, chan) in interp_channels(member) {
+            // A channel shared by several interps is moved once.
+            if !channels.iter().any(|(_, _, c)| *c == chan) {
+                channels.push((member, name, chan));
+            }
+        }
+    }
+    if let Some(name) = channels.iter().find_map(|(_, name, chan)| unmovable(*chan).then_some(name)) {
         return Err(CmdError::new(
             format!("cannot switch notifiers: channel \"{name}\" is a listening or connecting socket (switch before making it)"),
             &["SOCKETSERVER", "NOTIFIER", "CHANNEL", name],
@@ -245,6 +273,11 @@ pub fn install_poll_notifier(interp: *mut Tcl_Interp) -> Result<(), CmdError> {
         prefix: "couldn't install fork handlers".into(),
         errno: e.raw_os_error().unwrap_or(libc::EINVAL),
     })?;
+    for &member in &tree {
+        // SAFETY: member is live (listed just now); preserved so that a watch script deleting
+        // it below cannot free it while it is still in the list.
+        unsafe { clib::Tcl_Preserve(member as ClientData) };
+    }
     let own = OWN_HANDLERS.try_with(|own| own.borrow().clone()).unwrap_or_default();
     for fd in open_fds() {
         // SAFETY: removes the fd's entry from this thread's list in Tcl's notifier, if any.
@@ -267,26 +300,88 @@ pub fn install_poll_notifier(interp: *mut Tcl_Interp) -> Result<(), CmdError> {
     for (fd, callback) in own {
         notifier::set_handler(fd, clib::TCL_READABLE as c_int, callback);
     }
-    for (name, _) in &channels {
+    for (member, name, _) in &channels {
         // Looked up again: a reflected channel's watch script, run by an earlier one, may have
-        // closed it.
+        // closed it, or deleted its interp.
         let Ok(cname) = CString::new(name.as_str()) else { continue };
-        // SAFETY: interp is live; a null mode pointer is allowed.
-        let chan = unsafe { clib::Tcl_GetChannel(interp, cname.as_ptr(), std::ptr::null_mut()) };
-        if chan.is_null() {
+        if interp_deleted(*member) {
             continue;
         }
-        // Adding and removing a channel handler that wants nothing makes Tcl compute the
-        // channel's interest again and hand it to the driver, which makes its file handler anew.
-        // SAFETY: chan is a live channel of interp; the dummy handler is removed at once.
+        // SAFETY: member is preserved (below) and not deleted; its state is saved and restored
+        // around the lookup, which leaves an error message when the channel is gone; a null mode
+        // pointer is allowed. A found chan is live: adding and removing a channel handler that
+        // wants nothing makes Tcl compute the channel's interest again and hand it to the driver,
+        // which makes its file handler anew.
         unsafe {
-            clib::Tcl_CreateChannelHandler(chan, 0, Some(want_nothing), std::ptr::null_mut());
-            clib::Tcl_DeleteChannelHandler(chan, Some(want_nothing), std::ptr::null_mut());
+            let saved = clib::Tcl_SaveInterpState(*member, TCL_OK);
+            let chan = clib::Tcl_GetChannel(*member, cname.as_ptr(), std::ptr::null_mut());
+            if !chan.is_null() {
+                clib::Tcl_CreateChannelHandler(chan, 0, Some(want_nothing), std::ptr::null_mut());
+                clib::Tcl_DeleteChannelHandler(chan, Some(want_nothing), std::ptr::null_mut());
+            }
+            clib::Tcl_RestoreInterpState(*member, saved);
         }
     }
-    // SAFETY: interp is live; Tcl_GetChannel may have left an error message in its result.
-    unsafe { clib::Tcl_ResetResult(interp) };
+    for member in tree {
+        // SAFETY: balances the Tcl_Preserve when the tree was listed.
+        unsafe { clib::Tcl_Release(member as ClientData) };
+    }
     Ok(())
+}
+
+/// `interp`'s root (the interp without a parent above it) and every interp below the root.
+fn interp_tree(interp: *mut Tcl_Interp) -> Vec<*mut Tcl_Interp> {
+    let mut root = interp;
+    // SAFETY: root is live; a live interp's parent outlives it.
+    while let Some(parent) = NonNull::new(unsafe { clib::Tcl_GetMaster(root) }) {
+        root = parent.as_ptr();
+    }
+    let mut tree = vec![root];
+    let mut paths = vec![Obj::list([])];
+    let mut at = 0;
+    while at < paths.len() {
+        for child in child_names(root, &paths[at]) {
+            let path = Obj::list(list_elements(&paths[at]).into_iter().chain([child]));
+            let cpath = CString::new(path.to_string_lossy()).unwrap_or_default();
+            // SAFETY: root is live; cpath names a child that `interp slaves` just listed.
+            let found = unsafe { clib::Tcl_GetSlave(root, cpath.as_ptr()) };
+            if !found.is_null() {
+                tree.push(found);
+                paths.push(path);
+            }
+        }
+        at += 1;
+    }
+    tree
+}
+
+/// The names of the children of the interp at `path` under `root` (`interp slaves $path`, run in
+/// the root, whose result and error state are left as they were).
+fn child_names(root: *mut Tcl_Interp, path: &Obj) -> Vec<Obj> {
+    let words = [Obj::string("::interp"), Obj::string("slaves"), path.clone()];
+    let objv: Vec<*mut Tcl_Obj> = words.iter().map(Obj::as_ptr).collect();
+    // SAFETY: root is live; its state is saved first and restored after reading the result.
+    unsafe {
+        let saved = clib::Tcl_SaveInterpState(root, TCL_OK);
+        let code = clib::Tcl_EvalObjv(root, objv.len() as c_int, objv.as_ptr(), clib::TCL_EVAL_GLOBAL as c_int);
+        let names = if code == TCL_OK { list_elements(&Obj::from_ptr(clib::Tcl_GetObjResult(root))) } else { Vec::new() };
+        clib::Tcl_RestoreInterpState(root, saved);
+        names
+    }
+}
+
+/// The elements of a list object (none if it is not a list).
+fn list_elements(list: &Obj) -> Vec<Obj> {
+    let mut count: c_int = 0;
+    let mut items: *mut *mut Tcl_Obj = std::ptr::null_mut();
+    // SAFETY: list is live; on success Tcl points items at count live elements, which we take
+    // references to before anything can change the list.
+    unsafe {
+        if clib::Tcl_ListObjGetElements(std::ptr::null_mut(), list.as_ptr(), &mut count, &mut items) != TCL_OK {
+            return Vec::new();
+        }
+        (0..count.max(0) as usize).map(|i| Obj::from_ptr(*items.add(i))).collect()
+    }
 }
 
 /// This process's open fds (from /proc/self/fd; else every number below the fd limit).
@@ -294,35 +389,30 @@ fn open_fds() -> Vec<RawFd> {
     match std::fs::read_dir("/proc/self/fd") {
         Ok(dir) => dir.filter_map(|e| e.ok()?.file_name().to_str()?.parse().ok()).collect(),
         Err(_) => {
-            // SAFETY: sysconf only reads a limit.
+            // SAFETY: sysconf only reads a limit (-1, for none known, is clamped to no fds).
             let max = unsafe { libc::sysconf(libc::_SC_OPEN_MAX) }.clamp(0, 65536) as RawFd;
             (0..max).collect()
         }
     }
 }
 
-/// The channels registered in `interp`, by name.
+/// The channels registered in `interp`, by name; its result and error state are left as they were.
 fn interp_channels(interp: *mut Tcl_Interp) -> Vec<(String, clib::Tcl_Channel)> {
     let mut channels = Vec::new();
-    // SAFETY: interp is live (the caller's command runs in it); we read the names from its
-    // result, then reset the result, which our command sets again when it returns.
+    // SAFETY: interp is live (in the tree running our command); its state is saved first and
+    // restored once the names are read from its result.
     unsafe {
-        if clib::Tcl_GetChannelNamesEx(interp, std::ptr::null()) != TCL_OK {
-            return channels;
-        }
-        let names = Obj::from_ptr(clib::Tcl_GetObjResult(interp));
-        let mut count: c_int = 0;
-        let mut items: *mut *mut Tcl_Obj = std::ptr::null_mut();
-        if clib::Tcl_ListObjGetElements(std::ptr::null_mut(), names.as_ptr(), &mut count, &mut items) == TCL_OK {
-            for i in 0..count.max(0) as usize {
-                let name = clib::Tcl_GetString(*items.add(i));
-                let chan = clib::Tcl_GetChannel(interp, name, std::ptr::null_mut());
+        let saved = clib::Tcl_SaveInterpState(interp, TCL_OK);
+        if clib::Tcl_GetChannelNamesEx(interp, std::ptr::null()) == TCL_OK {
+            for name in list_elements(&Obj::from_ptr(clib::Tcl_GetObjResult(interp))) {
+                let cname = CString::new(name.to_string_lossy()).unwrap_or_default();
+                let chan = clib::Tcl_GetChannel(interp, cname.as_ptr(), std::ptr::null_mut());
                 if !chan.is_null() {
-                    channels.push((CStr::from_ptr(name).to_string_lossy().into_owned(), chan));
+                    channels.push((name.to_string_lossy(), chan));
                 }
             }
         }
-        clib::Tcl_ResetResult(interp);
+        clib::Tcl_RestoreInterpState(interp, saved);
     }
     channels
 }
@@ -335,13 +425,9 @@ fn unmovable(chan: clib::Tcl_Channel) -> bool {
         !kind.is_null() && !(*kind).typeName.is_null() && CStr::from_ptr((*kind).typeName) == c"tcp"
     };
     let listening = channel_fds(chan).into_iter().any(|fd| {
-        let mut value: c_int = 0;
-        let mut len = std::mem::size_of::<c_int>() as libc::socklen_t;
-        // SAFETY: getsockopt writes at most len bytes into the live c_int.
-        let ok = unsafe {
-            libc::getsockopt(fd, libc::SOL_SOCKET, libc::SO_ACCEPTCONN, (&mut value as *mut c_int).cast(), &mut len)
-        } == 0;
-        ok && value != 0
+        // SAFETY: fd is the channel's open fd, borrowed only for this call.
+        let fd = unsafe { BorrowedFd::borrow_raw(fd) };
+        getsockopt(&fd, sockopt::AcceptConn).unwrap_or(false)
     });
     is_tcp && (listening || channel_option(chan, c"-connecting").as_deref() == Some("1"))
 }
@@ -388,8 +474,8 @@ unsafe extern "C" fn poll_wait_for_event(time: *const clib::Tcl_Time) -> c_int {
     });
     let mut queue = |fd: RawFd| {
         let size = std::mem::size_of::<FileEvent>() as u32;
-        // SAFETY: as in queue_close_script: Tcl_Alloc'd, fully initialised, freed by Tcl after
-        // service_file_event returns 1.
+        // SAFETY: Tcl_Alloc'd (aligned for any type), fully initialised before it is queued,
+        // freed by Tcl after service_file_event returns 1.
         unsafe {
             let event = clib::Tcl_Alloc(size) as *mut FileEvent;
             event.write(FileEvent {
@@ -513,27 +599,36 @@ pub fn interp_deleted(interp: *mut Tcl_Interp) -> bool {
     unsafe { clib::Tcl_InterpDeleted(interp) != 0 }
 }
 
-/// Runs a file-handler body, keeping any panic from unwinding into Tcl.
-pub fn guard_callback<F: FnOnce()>(body: F) {
-    // There is no caller to report to; a panic here is a bug, and stopping it is all we can do.
-    let _ = catch_unwind(AssertUnwindSafe(body));
+/// Runs a callback's body (file handler, timer, event) for `interp`, keeping any panic from
+/// unwinding into Tcl: it becomes a background error of the interp (errorCode SOCKETSERVER
+/// INTERNAL), unless the interp is being deleted and has no one left to tell.
+pub fn guard_callback<F: FnOnce()>(interp: *mut Tcl_Interp, body: F) {
+    if let Err(err) = catch_panic(body) {
+        if !interp_deleted(interp) {
+            background_error(interp, err);
+        }
+    }
 }
 
-/// What a channel's close handler carries: the script to queue and the interp to run it in.
-struct CloseScript {
-    interp: *mut Tcl_Interp,
-    script: Obj,
-}
-
-/// A queued Tcl event; Tcl requires the Tcl_Event header first and frees it with Tcl_Free.
+/// An `onclose` script. The same Tcl_Alloc'ed block is first the channel's close handler's data
+/// and then, once the channel has closed, the queued event itself (Tcl requires the Tcl_Event
+/// header first and frees the block with Tcl_Free). It holds no Rust allocation, so when Tcl
+/// frees it unrun (a thread's queue at its exit) nothing is lost; what it holds of the interp
+/// (the script's reference and the pointer) is given back when the interp is deleted.
 #[repr(C)]
-struct ScriptEvent {
+struct CloseEvent {
     header: clib::Tcl_Event,
-    payload: *mut CloseScript,
+    /// Null once the interp has been deleted or the event has run.
+    interp: *mut Tcl_Interp,
+    /// One reference to the script, owned; null whenever `interp` is.
+    script: *mut Tcl_Obj,
+    /// The channel while the close handler waits for it; null once the event is queued.
+    chan: clib::Tcl_Channel,
 }
 
 /// Evaluates `script` (errors to the background handler) from the event loop once the channel
-/// named `name` has closed. It runs as a queued event, not inside the close itself.
+/// named `name` has closed. It runs as a queued event, not inside the close itself, and never
+/// once `interp` has been deleted.
 pub fn run_when_closed(interp: *mut Tcl_Interp, name: &str, script: Obj) -> Result<(), CmdError> {
     let cname = CString::new(name).unwrap_or_default();
     // SAFETY: interp is live during its command; a null mode pointer is allowed.
@@ -541,27 +636,53 @@ pub fn run_when_closed(interp: *mut Tcl_Interp, name: &str, script: Obj) -> Resu
     if chan.is_null() {
         return Err(CmdError::new(format!("can not find channel named \"{name}\""), &["TCL", "LOOKUP", "CHANNEL", name]));
     }
-    let payload = Box::into_raw(Box::new(CloseScript { interp, script }));
-    // SAFETY: the interp is preserved until the event has run; the payload is freed by the
-    // event (or leaked if the channel never closes, which costs one small allocation).
+    let size = std::mem::size_of::<CloseEvent>() as u32;
+    // SAFETY: Tcl_Alloc returns memory aligned for any type (or panics Tcl on failure); every
+    // field is written before the pointer is handed out. The block lives until the event has run
+    // (Tcl frees it), or until forget_close_interp frees it while the channel is still open.
     unsafe {
-        clib::Tcl_Preserve(interp as ClientData);
-        clib::Tcl_CreateCloseHandler(chan, Some(queue_close_script), payload as ClientData);
+        let event = clib::Tcl_Alloc(size) as *mut CloseEvent;
+        event.write(CloseEvent {
+            header: clib::Tcl_Event { proc_: Some(run_close_script), nextPtr: std::ptr::null_mut() },
+            interp,
+            script: script.into_raw(),
+            chan,
+        });
+        clib::Tcl_CreateCloseHandler(chan, Some(queue_close_script), event as ClientData);
+        clib::Tcl_CallWhenDeleted(interp, Some(forget_close_interp), event as ClientData);
     }
     Ok(())
 }
 
+/// The channel's close handler: queues the block as the event.
 unsafe extern "C" fn queue_close_script(data: ClientData) {
-    let size = std::mem::size_of::<ScriptEvent>() as u32;
-    // SAFETY: Tcl_Alloc returns memory suitably aligned for any type (or panics Tcl on failure);
-    // we initialise every field before queueing, and Tcl frees it after the event proc returns 1.
+    let event = data as *mut CloseEvent;
+    // SAFETY: data is the live CloseEvent of run_when_closed; the channel is going, so the block
+    // now belongs to the event queue.
     unsafe {
-        let event = clib::Tcl_Alloc(size) as *mut ScriptEvent;
-        event.write(ScriptEvent {
-            header: clib::Tcl_Event { proc_: Some(run_close_script), nextPtr: std::ptr::null_mut() },
-            payload: data as *mut CloseScript,
-        });
+        (*event).chan = std::ptr::null_mut();
         clib::Tcl_QueueEvent(event.cast(), clib::Tcl_QueuePosition_TCL_QUEUE_TAIL);
+    }
+}
+
+/// The interp is being deleted: its script will never run. A block still waiting for its
+/// channel is taken back from it and freed; a queued one is emptied, to do nothing when it runs.
+unsafe extern "C" fn forget_close_interp(data: ClientData, _interp: *mut Tcl_Interp) {
+    let event = data as *mut CloseEvent;
+    // SAFETY: data is a live CloseEvent: it is registered here until it runs (run_close_script
+    // unregisters it first) and only freed after that or below. A non-null chan is still open
+    // (its close handler has not run), in this thread.
+    unsafe {
+        let script = std::mem::replace(&mut (*event).script, std::ptr::null_mut());
+        if !script.is_null() {
+            drop(Obj::from_raw(script));
+        }
+        (*event).interp = std::ptr::null_mut();
+        let chan = (*event).chan;
+        if !chan.is_null() {
+            clib::Tcl_DeleteCloseHandler(chan, Some(queue_close_script), data);
+            clib::Tcl_Free(event.cast());
+        }
     }
 }
 
@@ -569,15 +690,39 @@ unsafe extern "C" fn run_close_script(event: *mut clib::Tcl_Event, flags: c_int)
     if flags & clib::TCL_FILE_EVENTS as c_int == 0 {
         return 0; // not now: a file event, and this round is not servicing those
     }
-    // SAFETY: event is our ScriptEvent (queued above); its payload is the Box from
-    // run_when_closed, taken back exactly once here.
-    let payload = unsafe { Box::from_raw((*(event as *mut ScriptEvent)).payload) };
-    guard_callback(|| {
-        if !interp_deleted(payload.interp) {
-            call_in_background(payload.interp, &payload.script, &[]);
+    let event = event as *mut CloseEvent;
+    // SAFETY: event is our queued CloseEvent; a non-null interp has not been deleted yet (else
+    // forget_close_interp would have emptied it), so its pointer is valid and unregistering is
+    // sound. The script's reference moves to `script`; Tcl frees the block after we return 1.
+    let (interp, script) = unsafe {
+        let interp = std::mem::replace(&mut (*event).interp, std::ptr::null_mut());
+        if interp.is_null() {
+            return 1;
+        }
+        clib::Tcl_DontCallWhenDeleted(interp, Some(forget_close_interp), event as ClientData);
+        (interp, Obj::from_raw(std::mem::replace(&mut (*event).script, std::ptr::null_mut())))
+    };
+    guard_callback(interp, || {
+        if !interp_deleted(interp) {
+            call_in_background(interp, &script, &[]);
         }
     });
-    // SAFETY: balances the Tcl_Preserve in run_when_closed.
-    unsafe { clib::Tcl_Release(payload.interp as ClientData) };
     1
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn a_panic_becomes_an_internal_error_with_its_message() {
+        assert_eq!(catch_panic(|| 7), Ok(7));
+        let code = ["SOCKETSERVER", "INTERNAL"].map(String::from).to_vec();
+        let text = "socketserver internal error: slot 3 vanished".to_string();
+        // A runtime value, so that the message is a String (a literal is folded into a &str).
+        let slot = std::hint::black_box(3);
+        assert_eq!(catch_panic(|| panic!("slot {slot} vanished")), Err::<(), _>(CmdError::Message { text, code: code.clone() }));
+        let text = "socketserver internal error: static".to_string();
+        assert_eq!(catch_panic(|| panic!("static")), Err::<(), _>(CmdError::Message { text, code }));
+    }
 }

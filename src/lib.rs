@@ -72,10 +72,10 @@ pub unsafe extern "C" fn Socketserver_Init(interp: *mut Tcl_Interp) -> c_int {
     }
 }
 
-unsafe extern "C" fn delete_state(state: ClientData, _interp: *mut Tcl_Interp) {
+unsafe extern "C" fn delete_state(state: ClientData, interp: *mut Tcl_Interp) {
     // SAFETY: state came from Box::into_raw in Socketserver_Init and Tcl calls this once.
     let state = unsafe { Box::from_raw(state as *mut StateCell) };
-    ffi::guard_callback(move || drop(state));
+    ffi::guard_callback(interp, move || drop(state));
 }
 
 /// The signature of every command body: the interp's state, the words as objects and strings.

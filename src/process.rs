@@ -2,53 +2,36 @@
 //! turned into Tcl events. No Tcl here beyond what `commands` passes in.
 //!
 //! Signals are process-wide by nature: a trapped signal's handler writes its number to a
-//! self-pipe, whose read end one interp watches. A forked child gets a pipe of its own at fork
+//! self-pipe, which the interps that trap it watch. A forked child gets a pipe of its own at fork
 //! (see [`renew_pipe_in_child`]), under the same fd numbers, so its signals never reach the parent.
+//! The action a signal had before its first trap (Tcl's SIG_IGN for SIGPIPE, `nohup`'s for
+//! SIGHUP, ...) is kept and put back exactly when the last trap of it goes.
 
 use crate::args::{CmdError, CmdResult};
-use std::io;
-use std::os::fd::RawFd;
+use nix::errno::Errno;
+use nix::fcntl::OFlag;
+use nix::sys::signal::{self, SaFlags, SigAction, SigHandler, SigSet, Signal};
+use nix::sys::wait::{self, WaitPidFlag, WaitStatus};
+use nix::unistd::{self, ForkResult, Pid};
+use std::collections::HashMap;
+use std::os::fd::{IntoRawFd, RawFd};
+use std::str::FromStr;
 use std::sync::atomic::{AtomicI32, Ordering::SeqCst};
-use std::sync::Once;
-
-const SIGNALS: &[(&str, i32)] = &[
-    ("HUP", libc::SIGHUP),
-    ("INT", libc::SIGINT),
-    ("QUIT", libc::SIGQUIT),
-    ("KILL", libc::SIGKILL),
-    ("USR1", libc::SIGUSR1),
-    ("USR2", libc::SIGUSR2),
-    ("PIPE", libc::SIGPIPE),
-    ("ALRM", libc::SIGALRM),
-    ("TERM", libc::SIGTERM),
-    ("CHLD", libc::SIGCHLD),
-    ("CONT", libc::SIGCONT),
-    ("STOP", libc::SIGSTOP),
-];
+use std::sync::{Mutex, Once};
 
 /// Parses `SIGTERM`, `TERM`, `term` or `15`.
-pub fn parse_signal(word: &str) -> CmdResult<i32> {
+pub fn parse_signal(word: &str) -> CmdResult<Signal> {
     let upper = word.to_ascii_uppercase();
-    let name = upper.strip_prefix("SIG").unwrap_or(&upper);
-    if let Some(&(_, number)) = SIGNALS.iter().find(|(n, _)| *n == name) {
-        return Ok(number);
-    }
-    match word.parse::<i32>() {
-        Ok(n) if (1..=64).contains(&n) => Ok(n),
-        _ => Err(CmdError::new(format!("unknown signal \"{word}\""), &["TCL", "LOOKUP", "SIGNAL", word])),
-    }
+    let name = if upper.starts_with("SIG") { upper } else { format!("SIG{upper}") };
+    let by_number = || word.parse::<i32>().ok().and_then(|n| Signal::try_from(n).ok());
+    Signal::from_str(&name)
+        .ok()
+        .or_else(by_number)
+        .ok_or_else(|| CmdError::new(format!("unknown signal \"{word}\""), &["TCL", "LOOKUP", "SIGNAL", word]))
 }
 
-pub fn signal_name(number: i32) -> String {
-    match SIGNALS.iter().find(|(_, n)| *n == number) {
-        Some((name, _)) => format!("SIG{name}"),
-        None => number.to_string(),
-    }
-}
-
-fn last_error(prefix: &str) -> CmdError {
-    let errno = io::Error::last_os_error().raw_os_error().unwrap_or(libc::EIO);
-    CmdError::Posix { prefix: prefix.into(), errno }
+fn posix(prefix: impl Into<String>, errno: Errno) -> CmdError {
+    CmdError::Posix { prefix: prefix.into(), errno: errno as i32 }
 }
 
 /// fork(2): the child's pid in the parent, 0 in the child.
@@ -56,9 +39,10 @@ pub fn fork() -> CmdResult<i32> {
     // SAFETY: the child continues in this thread only, running Tcl. It touches none of the
     // dispatcher thread's state (fork_safety closes the parent-only fds and every other copy of
     // dispatcher state is inert in the child), and Tcl's own fork handlers restart its notifier.
-    match unsafe { libc::fork() } {
-        -1 => Err(last_error("couldn't fork child process")),
-        pid => Ok(pid),
+    match unsafe { unistd::fork() } {
+        Ok(ForkResult::Parent { child }) => Ok(child.as_raw()),
+        Ok(ForkResult::Child) => Ok(0),
+        Err(errno) => Err(posix("couldn't fork child process", errno)),
     }
 }
 
@@ -72,58 +56,44 @@ pub struct Ended {
 
 /// waitpid(2) for `pid` (or any child); with `nohang`, `None` if none has ended.
 pub fn wait(pid: Option<i32>, nohang: bool) -> CmdResult<Option<Ended>> {
-    let mut status = 0;
+    let flags = nohang.then_some(WaitPidFlag::WNOHANG);
     loop {
-        let flags = if nohang { libc::WNOHANG } else { 0 };
-        // SAFETY: waitpid writes only the status int we pass.
-        let got = unsafe { libc::waitpid(pid.unwrap_or(-1), &mut status, flags) };
-        match got {
-            0 => return Ok(None),
-            -1 if io::Error::last_os_error().kind() == io::ErrorKind::Interrupted => continue,
-            -1 => return Err(last_error("couldn't wait for child process")),
-            pid => {
-                let (how, detail) = if libc::WIFEXITED(status) {
-                    ("EXIT", libc::WEXITSTATUS(status).to_string())
-                } else if libc::WIFSIGNALED(status) {
-                    ("SIG", signal_name(libc::WTERMSIG(status)))
-                } else {
-                    ("STOP", signal_name(libc::WSTOPSIG(status)))
-                };
-                return Ok(Some(Ended { pid, how, detail }));
-            }
-        }
+        let ended = match wait::waitpid(pid.map(Pid::from_raw), flags) {
+            Err(Errno::EINTR) => continue,
+            Err(errno) => return Err(posix("couldn't wait for child process", errno)),
+            Ok(WaitStatus::StillAlive) => return Ok(None),
+            Ok(WaitStatus::Exited(pid, code)) => (pid, "EXIT", code.to_string()),
+            Ok(WaitStatus::Signaled(pid, signal, _core)) => (pid, "SIG", signal.as_str().to_string()),
+            Ok(WaitStatus::Stopped(pid, signal)) => (pid, "STOP", signal.as_str().to_string()),
+            // Without WUNTRACED/WCONTINUED/ptrace, waitpid reports nothing else; wait again.
+            Ok(_) => continue,
+        };
+        let (pid, how, detail) = ended;
+        return Ok(Some(Ended { pid: pid.as_raw(), how, detail }));
     }
 }
 
-pub fn kill(pid: i32, signal: i32) -> CmdResult<()> {
-    // SAFETY: kill(2) has no memory effects on us.
-    if unsafe { libc::kill(pid, signal) } == -1 {
-        return Err(last_error(&format!("couldn't send {} to process {pid}", signal_name(signal))));
-    }
-    Ok(())
+pub fn kill(pid: i32, signal: Signal) -> CmdResult<()> {
+    signal::kill(Pid::from_raw(pid), signal)
+        .map_err(|errno| posix(format!("couldn't send {} to process {pid}", signal.as_str()), errno))
 }
 
 /// The self-pipe: [read end, write end], or -1 before the first trap.
 static PIPE: [AtomicI32; 2] = [AtomicI32::new(-1), AtomicI32::new(-1)];
 
-fn new_pipe() -> Option<[RawFd; 2]> {
-    let mut fds = [-1; 2];
-    // SAFETY: pipe2 writes two fds into the array we pass.
-    let ok = unsafe { libc::pipe2(fds.as_mut_ptr(), libc::O_CLOEXEC | libc::O_NONBLOCK) } == 0;
-    ok.then_some(fds)
-}
+const PIPE_FLAGS: i32 = libc::O_CLOEXEC | libc::O_NONBLOCK;
 
 /// The read end of the self-pipe, created on first use.
 pub fn trap_pipe() -> CmdResult<RawFd> {
     static CREATE: Once = Once::new();
     static ERRNO: AtomicI32 = AtomicI32::new(0);
     CREATE.call_once(|| {
-        let Some([read, write]) = new_pipe() else {
-            ERRNO.store(io::Error::last_os_error().raw_os_error().unwrap_or(libc::EIO), SeqCst);
-            return;
+        let (read, write) = match unistd::pipe2(OFlag::from_bits_truncate(PIPE_FLAGS)) {
+            Ok(ends) => ends,
+            Err(errno) => return ERRNO.store(errno as i32, SeqCst),
         };
-        PIPE[1].store(write, SeqCst);
-        PIPE[0].store(read, SeqCst);
+        PIPE[1].store(write.into_raw_fd(), SeqCst);
+        PIPE[0].store(read.into_raw_fd(), SeqCst);
         // SAFETY: our handler is a plain extern "C" fn valid for the life of the library.
         ERRNO.store(unsafe { libc::pthread_atfork(None, None, Some(renew_pipe_in_child)) }, SeqCst);
     });
@@ -135,22 +105,27 @@ pub fn trap_pipe() -> CmdResult<RawFd> {
 
 /// Gives a forked child its own pipe under the old numbers (so the Tcl file handler watching it
 /// stays valid): otherwise a signal to the child could wake the parent's trap, and vice versa.
+/// Raw libc calls: an atfork child handler may make async-signal-safe calls only, and owns
+/// nothing (no OwnedFd, no allocation).
 extern "C" fn renew_pipe_in_child() {
     let (read, write) = (PIPE[0].load(SeqCst), PIPE[1].load(SeqCst));
     if read == -1 {
         return;
     }
-    if let Some([new_read, new_write]) = new_pipe() {
+    let mut new = [-1; 2];
+    // SAFETY: pipe2 writes two fds into the array we pass; async-signal-safe.
+    if unsafe { libc::pipe2(new.as_mut_ptr(), PIPE_FLAGS) } == 0 {
         // SAFETY: async-signal-safe calls on fds this module owns; dup3 keeps O_CLOEXEC.
         unsafe {
-            libc::dup3(new_read, read, libc::O_CLOEXEC);
-            libc::dup3(new_write, write, libc::O_CLOEXEC);
-            libc::close(new_read);
-            libc::close(new_write);
+            libc::dup3(new[0], read, libc::O_CLOEXEC);
+            libc::dup3(new[1], write, libc::O_CLOEXEC);
+            libc::close(new[0]);
+            libc::close(new[1]);
         }
     }
 }
 
+/// The signal handler: raw write(2), the only thing a handler may do here (async-signal-safe).
 extern "C" fn on_signal(signal: libc::c_int) {
     // SAFETY: only async-signal-safe calls; errno is saved and restored around write(2).
     unsafe {
@@ -161,35 +136,69 @@ extern "C" fn on_signal(signal: libc::c_int) {
     }
 }
 
-/// Routes `signal` to the self-pipe (`trap`) or restores its default action.
-pub fn set_trap(signal: i32, trap: bool) -> CmdResult<()> {
-    if matches!(signal, libc::SIGKILL | libc::SIGSTOP) {
-        return Err(CmdError::new(format!("{} cannot be trapped", signal_name(signal)), &["TCL", "VALUE", "SIGNAL"]));
-    }
-    // SAFETY: a zeroed sigaction is valid; we fill in the handler and flags before installing.
-    unsafe {
-        let mut action: libc::sigaction = std::mem::zeroed();
-        action.sa_sigaction = if trap { on_signal as extern "C" fn(libc::c_int) as usize } else { libc::SIG_DFL };
-        action.sa_flags = libc::SA_RESTART;
-        libc::sigemptyset(&mut action.sa_mask);
-        if libc::sigaction(signal, &action, std::ptr::null_mut()) == -1 {
-            return Err(last_error("couldn't set signal action"));
-        }
-    }
-    Ok(())
+/// A trapped signal: what it did before its first trap, and how many interps trap it now.
+struct Trapped {
+    previous: SigAction,
+    holders: usize,
 }
 
-/// Reads the signals that have arrived, in order.
-pub fn drain_signals(read: RawFd) -> Vec<i32> {
+/// The traps of the whole process (signal actions are process-wide), by signal.
+static TRAPPED: Mutex<Option<HashMap<Signal, Trapped>>> = Mutex::new(None);
+
+fn with_trapped<T>(body: impl FnOnce(&mut HashMap<Signal, Trapped>) -> T) -> T {
+    // A panic while holding the lock left the map consistent (every change is one insert or
+    // remove), so a poisoned lock is still usable.
+    let mut guard = TRAPPED.lock().unwrap_or_else(|poisoned| poisoned.into_inner());
+    body(guard.get_or_insert_with(HashMap::new))
+}
+
+/// Routes `signal` to the self-pipe for one more holder (an interp that traps it). The first
+/// holder saves the action it replaces.
+pub fn trap(signal: Signal) -> CmdResult<()> {
+    if matches!(signal, Signal::SIGKILL | Signal::SIGSTOP) {
+        return Err(CmdError::new(format!("{} cannot be trapped", signal.as_str()), &["TCL", "VALUE", "SIGNAL"]));
+    }
+    with_trapped(|trapped| {
+        if let Some(entry) = trapped.get_mut(&signal) {
+            entry.holders += 1;
+            return Ok(());
+        }
+        let action = SigAction::new(SigHandler::Handler(on_signal), SaFlags::SA_RESTART, SigSet::empty());
+        // SAFETY: on_signal is async-signal-safe (it only writes one byte to the pipe).
+        let previous = unsafe { signal::sigaction(signal, &action) }
+            .map_err(|errno| posix("couldn't set signal action", errno))?;
+        trapped.insert(signal, Trapped { previous, holders: 1 });
+        Ok(())
+    })
+}
+
+/// One holder of `signal` lets go; the last one puts back the action from before the first trap.
+pub fn untrap(signal: Signal) -> CmdResult<()> {
+    with_trapped(|trapped| {
+        let Some(entry) = trapped.get_mut(&signal) else { return Ok(()) };
+        entry.holders -= 1;
+        if entry.holders > 0 {
+            return Ok(());
+        }
+        let previous = entry.previous;
+        // SAFETY: reinstalls the action that was in place before; it was valid then.
+        unsafe { signal::sigaction(signal, &previous) }.map_err(|errno| posix("couldn't set signal action", errno))?;
+        trapped.remove(&signal);
+        Ok(())
+    })
+}
+
+/// Reads the signals that have arrived, in order (bytes that name no signal are dropped).
+pub fn drain_signals(read: RawFd) -> Vec<Signal> {
     let mut buf = [0u8; 64];
     let mut signals = Vec::new();
     loop {
-        // SAFETY: reading into a local buffer of the length we pass.
-        let n = unsafe { libc::read(read, buf.as_mut_ptr().cast(), buf.len()) };
-        if n <= 0 {
-            return signals;
+        match unistd::read(read, &mut buf) {
+            Ok(0) | Err(Errno::EAGAIN) => return signals,
+            Ok(n) => signals.extend(buf[..n].iter().filter_map(|&b| Signal::try_from(i32::from(b)).ok())),
+            Err(Errno::EINTR) => continue,
+            Err(_) => return signals,
         }
-        signals.extend(buf[..n as usize].iter().map(|&b| b as i32));
     }
 }
 
@@ -199,12 +208,13 @@ mod tests {
 
     #[test]
     fn signals_parse_by_name_or_number() {
-        assert_eq!(parse_signal("SIGTERM"), Ok(libc::SIGTERM));
-        assert_eq!(parse_signal("term"), Ok(libc::SIGTERM));
-        assert_eq!(parse_signal("9"), Ok(9));
+        assert_eq!(parse_signal("SIGTERM"), Ok(Signal::SIGTERM));
+        assert_eq!(parse_signal("term"), Ok(Signal::SIGTERM));
+        assert_eq!(parse_signal("9"), Ok(Signal::SIGKILL));
+        assert_eq!(parse_signal("Usr1"), Ok(Signal::SIGUSR1));
         assert!(parse_signal("SIGNOPE").is_err());
         assert!(parse_signal("0").is_err());
-        assert_eq!(signal_name(libc::SIGKILL), "SIGKILL");
+        assert!(parse_signal("").is_err());
     }
 
     #[test]
@@ -228,20 +238,43 @@ mod tests {
                 libc::_exit(0)
             };
         }
-        kill(pid, libc::SIGKILL).unwrap();
+        kill(pid, Signal::SIGKILL).unwrap();
         let ended = wait(Some(pid), false).unwrap().unwrap();
         assert_eq!((ended.how, ended.detail.as_str()), ("SIG", "SIGKILL"));
         assert!(matches!(wait(Some(pid), true), Err(CmdError::Posix { errno: libc::ECHILD, .. })));
     }
 
+    fn current_handler(signal: Signal) -> SigHandler {
+        let probe = SigAction::new(SigHandler::SigDfl, SaFlags::empty(), SigSet::empty());
+        // SAFETY: installs SIG_DFL for an instant and puts the action read back at once.
+        unsafe {
+            let current = signal::sigaction(signal, &probe).unwrap();
+            signal::sigaction(signal, &current).unwrap();
+            current.handler()
+        }
+    }
+
     #[test]
     fn a_trapped_signal_arrives_on_the_pipe() {
         let read = trap_pipe().unwrap();
-        set_trap(libc::SIGUSR2, true).unwrap();
+        trap(Signal::SIGUSR2).unwrap();
         // SAFETY: raise(3) delivers to this thread, whose handler only writes to the pipe.
         unsafe { libc::raise(libc::SIGUSR2) };
-        assert_eq!(drain_signals(read), vec![libc::SIGUSR2]);
-        set_trap(libc::SIGUSR2, false).unwrap();
-        assert!(set_trap(libc::SIGKILL, true).is_err());
+        assert_eq!(drain_signals(read), vec![Signal::SIGUSR2]);
+        untrap(Signal::SIGUSR2).unwrap();
+        assert!(trap(Signal::SIGKILL).is_err());
+    }
+
+    #[test]
+    fn the_last_untrap_restores_the_action_from_before_the_first_trap() {
+        let ignore = SigAction::new(SigHandler::SigIgn, SaFlags::empty(), SigSet::empty());
+        // SAFETY: SIGWINCH is ignored by default anyway; nothing else in the tests uses it.
+        unsafe { signal::sigaction(Signal::SIGWINCH, &ignore) }.unwrap();
+        trap(Signal::SIGWINCH).unwrap();
+        trap(Signal::SIGWINCH).unwrap();
+        untrap(Signal::SIGWINCH).unwrap();
+        assert!(matches!(current_handler(Signal::SIGWINCH), SigHandler::Handler(_)), "one holder left");
+        untrap(Signal::SIGWINCH).unwrap();
+        assert_eq!(current_handler(Signal::SIGWINCH), SigHandler::SigIgn);
     }
 }
