@@ -13,6 +13,7 @@ mod fork_safety;
 mod notifier;
 mod process;
 mod sys;
+mod tcl_stubs;
 mod worker;
 
 use clib::{ClientData, Tcl_Interp, Tcl_Obj};
@@ -40,9 +41,7 @@ const STATE_KEY: &CStr = c"socketserver";
 #[no_mangle]
 pub unsafe extern "C" fn Socketserver_Init(interp: *mut Tcl_Interp) -> c_int {
     // SAFETY: interp is live (Tcl's contract for init procedures).
-    if unsafe { clib::Tcl_PkgRequireEx(interp, c"Tcl".as_ptr(), c"8.6".as_ptr(), 0, std::ptr::null_mut()) }
-        .is_null()
-    {
+    if unsafe { tcl_stubs::init(interp) }.is_err() {
         return ffi::TCL_ERROR;
     }
     if let Err(err) = fork_safety::install() {
