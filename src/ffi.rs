@@ -2,7 +2,8 @@
 //! trampolines that stop panics at the border, file handlers and socket channels, and the hooks
 //! that install [`notifier`] as Tcl's notifier.
 //!
-//! Everything calls the raw C API in `clib` (the bindings the `tcl` crate builds); the `tcl`
+//! Everything calls the raw C API through [`crate::tcl_stubs`] (Tcl's stubs table, with the types
+//! of `clib`, the bindings the `tcl` crate builds); the `tcl`
 //! crate's high-level `Obj` is never used, so nothing here calls `Tcl_FindExecutable` or
 //! otherwise touches the host interpreter's setup.
 
