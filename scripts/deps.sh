@@ -39,7 +39,8 @@ needs=(
     "libclang-dev   pkg"             # libclang for bindgen in the tcl crate's clib build step
     "pkg-config     cmd:pkg-config"  # clib finds Tcl through pkg-config
     "gcc            cmd:cc"          # the linker cargo calls
-    "tcl8.6-dev     pkg"             # tcl.h, libtcl8.6.so, tcl8.6.pc
+    "binutils       cmd:readelf"     # load.test: the library must not need libtcl
+    "tcl8.6-dev     pkg"             # tcl.h, libtcl8.6.so, tcl8.6.pc; libtcl8.6.a for load.test's host
     "tcl-dev        pkg"             # tcl.pc (clib also looks for that name)
     "tcl            cmd:tclsh"       # tclsh for the tests, demo and examples
     "tclx8.4        pkg"             # Tclx fork/wait/kill/signal used by tests and examples

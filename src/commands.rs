@@ -11,7 +11,7 @@ use crate::dispatcher::Server;
 use crate::ffi::{self, Obj};
 use crate::process;
 use crate::worker::WorkerLink;
-use clib::{ClientData, Tcl_Interp};
+use crate::tcl_stubs::{ClientData, Tcl_Interp};
 use nix::sys::signal::Signal;
 use std::cell::RefCell;
 use std::collections::HashMap;
@@ -36,7 +36,7 @@ struct Slot {
     handler: Option<Obj>,
     /// After a connection was dropped for lack of fds: the timer that arms again once there
     /// is a free fd.
-    retry: Option<clib::Tcl_TimerToken>,
+    retry: Option<crate::tcl_stubs::Tcl_TimerToken>,
     received: u64,
     wakeups: u64,
     /// What the file handler's client data points to: owned here (never read) so that it lives

@@ -8,7 +8,7 @@
 
 use crate::args::CmdError;
 use crate::notifier::{self, Callback};
-use clib::{ClientData, Tcl_Interp, Tcl_Obj};
+use crate::tcl_stubs::{ClientData, Tcl_Interp, Tcl_Obj};
 use std::cell::RefCell;
 use std::ffi::{c_char, c_int, CStr, CString};
 use nix::sys::socket::{getsockopt, sockopt};
@@ -18,8 +18,8 @@ use std::ptr::NonNull;
 use std::sync::atomic::{AtomicBool, Ordering::SeqCst};
 use std::time::Duration;
 
-pub const TCL_OK: c_int = clib::TCL_OK as c_int;
-pub const TCL_ERROR: c_int = clib::TCL_ERROR as c_int;
+pub const TCL_OK: c_int = crate::tcl_stubs::TCL_OK as c_int;
+pub const TCL_ERROR: c_int = crate::tcl_stubs::TCL_ERROR as c_int;
 
 /// Labels refcount calls, as Tcl's macros do with __FILE__.
 const SOURCE: &CStr = c"socketserver";
@@ -34,27 +34,27 @@ impl Obj {
     /// `ptr` must point to a live Tcl_Obj of the current thread.
     pub unsafe fn from_ptr(ptr: *mut Tcl_Obj) -> Obj {
         let ptr = NonNull::new(ptr).expect("Tcl returned a null object");
-        clib::Tcl_DbIncrRefCount(ptr.as_ptr(), SOURCE.as_ptr(), 0);
+        crate::tcl_stubs::Tcl_DbIncrRefCount(ptr.as_ptr(), SOURCE.as_ptr(), 0);
         Obj(ptr)
     }
 
     pub fn string(s: &str) -> Obj {
         let len = c_int::try_from(s.len()).unwrap_or(c_int::MAX);
         // SAFETY: s points to len valid bytes; Tcl copies them.
-        unsafe { Obj::from_ptr(clib::Tcl_NewStringObj(s.as_ptr().cast(), len)) }
+        unsafe { Obj::from_ptr(crate::tcl_stubs::Tcl_NewStringObj(s.as_ptr().cast(), len)) }
     }
 
     pub fn int(n: i64) -> Obj {
         // SAFETY: plain constructor.
-        unsafe { Obj::from_ptr(clib::Tcl_NewWideIntObj(n)) }
+        unsafe { Obj::from_ptr(crate::tcl_stubs::Tcl_NewWideIntObj(n)) }
     }
 
     pub fn list<I: IntoIterator<Item = Obj>>(items: I) -> Obj {
         // SAFETY: plain constructor of an empty list.
-        let list = unsafe { Obj::from_ptr(clib::Tcl_NewListObj(0, std::ptr::null())) };
+        let list = unsafe { Obj::from_ptr(crate::tcl_stubs::Tcl_NewListObj(0, std::ptr::null())) };
         for item in items {
             // SAFETY: list is unshared (refcount 1, ours) and a list, so appending cannot fail.
-            unsafe { clib::Tcl_ListObjAppendElement(std::ptr::null_mut(), list.as_ptr(), item.as_ptr()) };
+            unsafe { crate::tcl_stubs::Tcl_ListObjAppendElement(std::ptr::null_mut(), list.as_ptr(), item.as_ptr()) };
         }
         list
     }
@@ -81,7 +81,7 @@ impl Obj {
         // SAFETY: self is live; Tcl returns a pointer to len bytes owned by the object, which we
         // copy before anything can change it.
         unsafe {
-            let bytes = clib::Tcl_GetStringFromObj(self.as_ptr(), &mut len);
+            let bytes = crate::tcl_stubs::Tcl_GetStringFromObj(self.as_ptr(), &mut len);
             let slice = std::slice::from_raw_parts(bytes.cast::<u8>(), len.max(0) as usize);
             String::from_utf8_lossy(slice).into_owned()
         }
@@ -91,7 +91,7 @@ impl Obj {
     pub fn is_list(&self, interp: *mut Tcl_Interp) -> bool {
         let mut len: c_int = 0;
         // SAFETY: self is live; interp is the caller's live interp (receives the parse error).
-        unsafe { clib::Tcl_ListObjLength(interp, self.as_ptr(), &mut len) == TCL_OK }
+        unsafe { crate::tcl_stubs::Tcl_ListObjLength(interp, self.as_ptr(), &mut len) == TCL_OK }
     }
 }
 
@@ -105,7 +105,7 @@ impl Clone for Obj {
 impl Drop for Obj {
     fn drop(&mut self) {
         // SAFETY: we hold one reference, released exactly once here.
-        unsafe { clib::Tcl_DbDecrRefCount(self.as_ptr(), SOURCE.as_ptr(), 0) };
+        unsafe { crate::tcl_stubs::Tcl_DbDecrRefCount(self.as_ptr(), SOURCE.as_ptr(), 0) };
     }
 }
 
@@ -129,7 +129,7 @@ where
     match catch_panic(body).and_then(|result| result) {
         Ok(result) => {
             // SAFETY: interp is live during its command; Tcl takes its own reference.
-            unsafe { clib::Tcl_SetObjResult(interp, result.as_ptr()) };
+            unsafe { crate::tcl_stubs::Tcl_SetObjResult(interp, result.as_ptr()) };
             TCL_OK
         }
         Err(err) => set_error(interp, objc, objv, err),
@@ -156,7 +156,7 @@ fn set_error(interp: *mut Tcl_Interp, objc: c_int, objv: *const *mut Tcl_Obj, er
         let usage = if usage.is_empty() { std::ptr::null() } else { usage.as_ptr() };
         // SAFETY: objv holds objc live objects and words <= objc by construction; usage is NULL
         // or a C string that outlives the call.
-        unsafe { clib::Tcl_WrongNumArgs(interp, (words as c_int).min(objc), objv, usage) };
+        unsafe { crate::tcl_stubs::Tcl_WrongNumArgs(interp, (words as c_int).min(objc), objv, usage) };
         return TCL_ERROR;
     }
     set_error_result(interp, err)
@@ -166,7 +166,7 @@ fn set_error(interp: *mut Tcl_Interp, objc: c_int, objv: *const *mut Tcl_Obj, er
 pub fn background_error(interp: *mut Tcl_Interp, err: CmdError) {
     set_error_result(interp, err);
     // SAFETY: interp is live (callers check it is not deleted); Tcl copies the error state.
-    unsafe { clib::Tcl_BackgroundException(interp, TCL_ERROR) };
+    unsafe { crate::tcl_stubs::Tcl_BackgroundException(interp, TCL_ERROR) };
 }
 
 /// Sets the result and errorCode of a Message or Posix error.
@@ -175,24 +175,24 @@ fn set_error_result(interp: *mut Tcl_Interp, err: CmdError) -> c_int {
         // Only commands raise usage errors (see set_error); there are no words to quote here.
         CmdError::WrongArgs { usage, .. } => {
             // SAFETY: interp is live; Tcl takes its own reference to the result.
-            unsafe { clib::Tcl_SetObjResult(interp, Obj::string(&format!("wrong # args: {usage}")).as_ptr()) };
+            unsafe { crate::tcl_stubs::Tcl_SetObjResult(interp, Obj::string(&format!("wrong # args: {usage}")).as_ptr()) };
         }
         CmdError::Message { text, code } => {
             // SAFETY: interp is live; Tcl takes references to both objects.
             unsafe {
-                clib::Tcl_SetObjResult(interp, Obj::string(&text).as_ptr());
-                clib::Tcl_SetObjErrorCode(interp, Obj::list(code.iter().map(|c| Obj::string(c))).as_ptr());
+                crate::tcl_stubs::Tcl_SetObjResult(interp, Obj::string(&text).as_ptr());
+                crate::tcl_stubs::Tcl_SetObjErrorCode(interp, Obj::list(code.iter().map(|c| Obj::string(c))).as_ptr());
             }
         }
         CmdError::Posix { prefix, errno } => {
             // SAFETY: Tcl_PosixError reads the errno we set, sets errorCode and returns a static
             // message string.
             let message = unsafe {
-                clib::Tcl_SetErrno(errno);
-                CStr::from_ptr(clib::Tcl_PosixError(interp)).to_string_lossy().into_owned()
+                crate::tcl_stubs::Tcl_SetErrno(errno);
+                CStr::from_ptr(crate::tcl_stubs::Tcl_PosixError(interp)).to_string_lossy().into_owned()
             };
             // SAFETY: as above.
-            unsafe { clib::Tcl_SetObjResult(interp, Obj::string(&format!("{prefix}: {message}")).as_ptr()) };
+            unsafe { crate::tcl_stubs::Tcl_SetObjResult(interp, Obj::string(&format!("{prefix}: {message}")).as_ptr()) };
         }
     }
     TCL_ERROR
@@ -202,8 +202,8 @@ fn set_error_result(interp: *mut Tcl_Interp, err: CmdError) -> c_int {
 ///
 /// # Safety
 /// `interp` must be live; `data` must stay valid for as long as the command exists.
-pub unsafe fn create_command(interp: *mut Tcl_Interp, name: &CStr, proc_: clib::Tcl_ObjCmdProc, data: ClientData) {
-    clib::Tcl_CreateObjCommand(interp, name.as_ptr(), proc_, data, None);
+pub unsafe fn create_command(interp: *mut Tcl_Interp, name: &CStr, proc_: crate::tcl_stubs::Tcl_ObjCmdProc, data: ClientData) {
+    crate::tcl_stubs::Tcl_CreateObjCommand(interp, name.as_ptr(), proc_, data, None);
 }
 
 thread_local! {
@@ -216,7 +216,7 @@ thread_local! {
 /// # Safety
 /// `data` must stay valid until the handler is deleted; call from the interp's thread.
 pub unsafe fn create_file_handler(fd: RawFd, proc_: unsafe extern "C" fn(ClientData, c_int), data: ClientData) {
-    clib::Tcl_CreateFileHandler(fd, clib::TCL_READABLE as c_int, Some(proc_), data);
+    crate::tcl_stubs::Tcl_CreateFileHandler(fd, crate::tcl_stubs::TCL_READABLE as c_int, Some(proc_), data);
     let _ = OWN_HANDLERS.try_with(|own| {
         let mut own = own.borrow_mut();
         own.retain(|(f, _)| *f != fd);
@@ -227,7 +227,7 @@ pub unsafe fn create_file_handler(fd: RawFd, proc_: unsafe extern "C" fn(ClientD
 pub fn delete_file_handler(fd: RawFd) {
     // SAFETY: deleting a handler that does not exist is a no-op; it touches only this thread's
     // notifier state.
-    unsafe { clib::Tcl_DeleteFileHandler(fd) };
+    unsafe { crate::tcl_stubs::Tcl_DeleteFileHandler(fd) };
     let _ = OWN_HANDLERS.try_with(|own| own.borrow_mut().retain(|(f, _)| *f != fd));
 }
 
@@ -254,7 +254,7 @@ pub fn install_poll_notifier(interp: *mut Tcl_Interp) -> Result<(), CmdError> {
         return Ok(());
     }
     let tree = interp_tree(interp);
-    let mut channels: Vec<(*mut Tcl_Interp, String, clib::Tcl_Channel)> = Vec::new();
+    let mut channels: Vec<(*mut Tcl_Interp, String, crate::tcl_stubs::Tcl_Channel)> = Vec::new();
     for &member in &tree {
         for (name, chan) in interp_channels(member) {
             // A channel shared by several interps is moved once.
@@ -276,14 +276,14 @@ pub fn install_poll_notifier(interp: *mut Tcl_Interp) -> Result<(), CmdError> {
     for &member in &tree {
         // SAFETY: member is live (listed just now); preserved so that a watch script deleting
         // it below cannot free it while it is still in the list.
-        unsafe { clib::Tcl_Preserve(member as ClientData) };
+        unsafe { crate::tcl_stubs::Tcl_Preserve(member as ClientData) };
     }
     let own = OWN_HANDLERS.try_with(|own| own.borrow().clone()).unwrap_or_default();
     for fd in open_fds() {
         // SAFETY: removes the fd's entry from this thread's list in Tcl's notifier, if any.
-        unsafe { clib::Tcl_DeleteFileHandler(fd) };
+        unsafe { crate::tcl_stubs::Tcl_DeleteFileHandler(fd) };
     }
-    let mut procs = clib::Tcl_NotifierProcs {
+    let mut procs = crate::tcl_stubs::Tcl_NotifierProcs {
         setTimerProc: Some(poll_set_timer),
         waitForEventProc: Some(poll_wait_for_event),
         createFileHandlerProc: Some(poll_create_file_handler),
@@ -295,10 +295,10 @@ pub fn install_poll_notifier(interp: *mut Tcl_Interp) -> Result<(), CmdError> {
     };
     // SAFETY: Tcl copies the table; every hook is an extern "C" function of the right type that
     // lives as long as the library (never unloaded).
-    unsafe { clib::Tcl_SetNotifier(&mut procs) };
+    unsafe { crate::tcl_stubs::Tcl_SetNotifier(&mut procs) };
     POLL_NOTIFIER.store(true, SeqCst);
     for (fd, callback) in own {
-        notifier::set_handler(fd, clib::TCL_READABLE as c_int, callback);
+        notifier::set_handler(fd, crate::tcl_stubs::TCL_READABLE as c_int, callback);
     }
     for (member, name, _) in &channels {
         // Looked up again: a reflected channel's watch script, run by an earlier one, may have
@@ -313,18 +313,18 @@ pub fn install_poll_notifier(interp: *mut Tcl_Interp) -> Result<(), CmdError> {
         // wants nothing makes Tcl compute the channel's interest again and hand it to the driver,
         // which makes its file handler anew.
         unsafe {
-            let saved = clib::Tcl_SaveInterpState(*member, TCL_OK);
-            let chan = clib::Tcl_GetChannel(*member, cname.as_ptr(), std::ptr::null_mut());
+            let saved = crate::tcl_stubs::Tcl_SaveInterpState(*member, TCL_OK);
+            let chan = crate::tcl_stubs::Tcl_GetChannel(*member, cname.as_ptr(), std::ptr::null_mut());
             if !chan.is_null() {
-                clib::Tcl_CreateChannelHandler(chan, 0, Some(want_nothing), std::ptr::null_mut());
-                clib::Tcl_DeleteChannelHandler(chan, Some(want_nothing), std::ptr::null_mut());
+                crate::tcl_stubs::Tcl_CreateChannelHandler(chan, 0, Some(want_nothing), std::ptr::null_mut());
+                crate::tcl_stubs::Tcl_DeleteChannelHandler(chan, Some(want_nothing), std::ptr::null_mut());
             }
-            clib::Tcl_RestoreInterpState(*member, saved);
+            crate::tcl_stubs::Tcl_RestoreInterpState(*member, saved);
         }
     }
     for member in tree {
         // SAFETY: balances the Tcl_Preserve when the tree was listed.
-        unsafe { clib::Tcl_Release(member as ClientData) };
+        unsafe { crate::tcl_stubs::Tcl_Release(member as ClientData) };
     }
     Ok(())
 }
@@ -333,7 +333,7 @@ pub fn install_poll_notifier(interp: *mut Tcl_Interp) -> Result<(), CmdError> {
 fn interp_tree(interp: *mut Tcl_Interp) -> Vec<*mut Tcl_Interp> {
     let mut root = interp;
     // SAFETY: root is live; a live interp's parent outlives it.
-    while let Some(parent) = NonNull::new(unsafe { clib::Tcl_GetMaster(root) }) {
+    while let Some(parent) = NonNull::new(unsafe { crate::tcl_stubs::Tcl_GetMaster(root) }) {
         root = parent.as_ptr();
     }
     let mut tree = vec![root];
@@ -344,7 +344,7 @@ fn interp_tree(interp: *mut Tcl_Interp) -> Vec<*mut Tcl_Interp> {
             let path = Obj::list(list_elements(&paths[at]).into_iter().chain([child]));
             let cpath = CString::new(path.to_string_lossy()).unwrap_or_default();
             // SAFETY: root is live; cpath names a child that `interp slaves` just listed.
-            let found = unsafe { clib::Tcl_GetSlave(root, cpath.as_ptr()) };
+            let found = unsafe { crate::tcl_stubs::Tcl_GetSlave(root, cpath.as_ptr()) };
             if !found.is_null() {
                 tree.push(found);
                 paths.push(path);
@@ -362,10 +362,10 @@ fn child_names(root: *mut Tcl_Interp, path: &Obj) -> Vec<Obj> {
     let objv: Vec<*mut Tcl_Obj> = words.iter().map(Obj::as_ptr).collect();
     // SAFETY: root is live; its state is saved first and restored after reading the result.
     unsafe {
-        let saved = clib::Tcl_SaveInterpState(root, TCL_OK);
-        let code = clib::Tcl_EvalObjv(root, objv.len() as c_int, objv.as_ptr(), clib::TCL_EVAL_GLOBAL as c_int);
-        let names = if code == TCL_OK { list_elements(&Obj::from_ptr(clib::Tcl_GetObjResult(root))) } else { Vec::new() };
-        clib::Tcl_RestoreInterpState(root, saved);
+        let saved = crate::tcl_stubs::Tcl_SaveInterpState(root, TCL_OK);
+        let code = crate::tcl_stubs::Tcl_EvalObjv(root, objv.len() as c_int, objv.as_ptr(), crate::tcl_stubs::TCL_EVAL_GLOBAL as c_int);
+        let names = if code == TCL_OK { list_elements(&Obj::from_ptr(crate::tcl_stubs::Tcl_GetObjResult(root))) } else { Vec::new() };
+        crate::tcl_stubs::Tcl_RestoreInterpState(root, saved);
         names
     }
 }
@@ -377,7 +377,7 @@ fn list_elements(list: &Obj) -> Vec<Obj> {
     // SAFETY: list is live; on success Tcl points items at count live elements, which we take
     // references to before anything can change the list.
     unsafe {
-        if clib::Tcl_ListObjGetElements(std::ptr::null_mut(), list.as_ptr(), &mut count, &mut items) != TCL_OK {
+        if crate::tcl_stubs::Tcl_ListObjGetElements(std::ptr::null_mut(), list.as_ptr(), &mut count, &mut items) != TCL_OK {
             return Vec::new();
         }
         (0..count.max(0) as usize).map(|i| Obj::from_ptr(*items.add(i))).collect()
@@ -397,31 +397,31 @@ fn open_fds() -> Vec<RawFd> {
 }
 
 /// The channels registered in `interp`, by name; its result and error state are left as they were.
-fn interp_channels(interp: *mut Tcl_Interp) -> Vec<(String, clib::Tcl_Channel)> {
+fn interp_channels(interp: *mut Tcl_Interp) -> Vec<(String, crate::tcl_stubs::Tcl_Channel)> {
     let mut channels = Vec::new();
     // SAFETY: interp is live (in the tree running our command); its state is saved first and
     // restored once the names are read from its result.
     unsafe {
-        let saved = clib::Tcl_SaveInterpState(interp, TCL_OK);
-        if clib::Tcl_GetChannelNamesEx(interp, std::ptr::null()) == TCL_OK {
-            for name in list_elements(&Obj::from_ptr(clib::Tcl_GetObjResult(interp))) {
+        let saved = crate::tcl_stubs::Tcl_SaveInterpState(interp, TCL_OK);
+        if crate::tcl_stubs::Tcl_GetChannelNamesEx(interp, std::ptr::null()) == TCL_OK {
+            for name in list_elements(&Obj::from_ptr(crate::tcl_stubs::Tcl_GetObjResult(interp))) {
                 let cname = CString::new(name.to_string_lossy()).unwrap_or_default();
-                let chan = clib::Tcl_GetChannel(interp, cname.as_ptr(), std::ptr::null_mut());
+                let chan = crate::tcl_stubs::Tcl_GetChannel(interp, cname.as_ptr(), std::ptr::null_mut());
                 if !chan.is_null() {
                     channels.push((name.to_string_lossy(), chan));
                 }
             }
         }
-        clib::Tcl_RestoreInterpState(interp, saved);
+        crate::tcl_stubs::Tcl_RestoreInterpState(interp, saved);
     }
     channels
 }
 
 /// A TCP socket that listens or is still connecting (`socket -async`).
-fn unmovable(chan: clib::Tcl_Channel) -> bool {
+fn unmovable(chan: crate::tcl_stubs::Tcl_Channel) -> bool {
     // SAFETY: chan is a live channel; its type is static data of its driver.
     let is_tcp = unsafe {
-        let kind = clib::Tcl_GetChannelType(chan);
+        let kind = crate::tcl_stubs::Tcl_GetChannelType(chan);
         !kind.is_null() && !(*kind).typeName.is_null() && CStr::from_ptr((*kind).typeName) == c"tcp"
     };
     let listening = channel_fds(chan).into_iter().any(|fd| {
@@ -433,25 +433,25 @@ fn unmovable(chan: clib::Tcl_Channel) -> bool {
 }
 
 /// A channel option's value; None if the driver reports an error.
-fn channel_option(chan: clib::Tcl_Channel, option: &CStr) -> Option<String> {
-    let mut value = std::mem::MaybeUninit::<clib::Tcl_DString>::uninit();
+fn channel_option(chan: crate::tcl_stubs::Tcl_Channel, option: &CStr) -> Option<String> {
+    let mut value = std::mem::MaybeUninit::<crate::tcl_stubs::Tcl_DString>::uninit();
     // SAFETY: the DString is initialised before use and freed after; a null interp is allowed.
     unsafe {
-        clib::Tcl_DStringInit(value.as_mut_ptr());
-        let ok = clib::Tcl_GetChannelOption(std::ptr::null_mut(), chan, option.as_ptr(), value.as_mut_ptr()) == TCL_OK;
+        crate::tcl_stubs::Tcl_DStringInit(value.as_mut_ptr());
+        let ok = crate::tcl_stubs::Tcl_GetChannelOption(std::ptr::null_mut(), chan, option.as_ptr(), value.as_mut_ptr()) == TCL_OK;
         let text = ok.then(|| CStr::from_ptr((*value.as_ptr()).string).to_string_lossy().into_owned());
-        clib::Tcl_DStringFree(value.as_mut_ptr());
+        crate::tcl_stubs::Tcl_DStringFree(value.as_mut_ptr());
         text
     }
 }
 
 /// The fds under a channel (one, or two for a pipe-like channel).
-fn channel_fds(chan: clib::Tcl_Channel) -> Vec<RawFd> {
+fn channel_fds(chan: crate::tcl_stubs::Tcl_Channel) -> Vec<RawFd> {
     let mut fds = Vec::new();
-    for direction in [clib::TCL_READABLE, clib::TCL_WRITABLE] {
+    for direction in [crate::tcl_stubs::TCL_READABLE, crate::tcl_stubs::TCL_WRITABLE] {
         let mut handle: ClientData = std::ptr::null_mut();
         // SAFETY: chan is live; on Unix a channel's handle is its fd, stored in the pointer.
-        if unsafe { clib::Tcl_GetChannelHandle(chan, direction as c_int, &mut handle) } == TCL_OK {
+        if unsafe { crate::tcl_stubs::Tcl_GetChannelHandle(chan, direction as c_int, &mut handle) } == TCL_OK {
             let fd = handle as isize as RawFd;
             if !fds.contains(&fd) {
                 fds.push(fd);
@@ -463,11 +463,11 @@ fn channel_fds(chan: clib::Tcl_Channel) -> Vec<RawFd> {
 
 unsafe extern "C" fn want_nothing(_data: ClientData, _mask: c_int) {}
 
-unsafe extern "C" fn poll_set_timer(_time: *const clib::Tcl_Time) {
+unsafe extern "C" fn poll_set_timer(_time: *const crate::tcl_stubs::Tcl_Time) {
     // Nothing to do: Tcl_DoOneEvent passes the time to the next timer to the wait below.
 }
 
-unsafe extern "C" fn poll_wait_for_event(time: *const clib::Tcl_Time) -> c_int {
+unsafe extern "C" fn poll_wait_for_event(time: *const crate::tcl_stubs::Tcl_Time) -> c_int {
     // SAFETY: Tcl passes null (no limit) or a live Tcl_Time.
     let timeout = unsafe { time.as_ref() }.map(|t| {
         Duration::from_secs(t.sec.max(0) as u64) + Duration::from_micros(t.usec.max(0) as u64)
@@ -477,12 +477,12 @@ unsafe extern "C" fn poll_wait_for_event(time: *const clib::Tcl_Time) -> c_int {
         // SAFETY: Tcl_Alloc'd (aligned for any type), fully initialised before it is queued,
         // freed by Tcl after service_file_event returns 1.
         unsafe {
-            let event = clib::Tcl_Alloc(size) as *mut FileEvent;
+            let event = crate::tcl_stubs::Tcl_Alloc(size) as *mut FileEvent;
             event.write(FileEvent {
-                header: clib::Tcl_Event { proc_: Some(service_file_event), nextPtr: std::ptr::null_mut() },
+                header: crate::tcl_stubs::Tcl_Event { proc_: Some(service_file_event), nextPtr: std::ptr::null_mut() },
                 fd,
             });
-            clib::Tcl_QueueEvent(event.cast(), clib::Tcl_QueuePosition_TCL_QUEUE_TAIL);
+            crate::tcl_stubs::Tcl_QueueEvent(event.cast(), crate::tcl_stubs::Tcl_QueuePosition_TCL_QUEUE_TAIL);
         }
     };
     match catch_unwind(AssertUnwindSafe(|| notifier::wait(timeout, &mut queue))) {
@@ -494,12 +494,12 @@ unsafe extern "C" fn poll_wait_for_event(time: *const clib::Tcl_Time) -> c_int {
 /// A queued "this fd is ready" event: the fd, not the handler, which may be gone by then.
 #[repr(C)]
 struct FileEvent {
-    header: clib::Tcl_Event,
+    header: crate::tcl_stubs::Tcl_Event,
     fd: c_int,
 }
 
-unsafe extern "C" fn service_file_event(event: *mut clib::Tcl_Event, flags: c_int) -> c_int {
-    if flags & clib::TCL_FILE_EVENTS as c_int == 0 {
+unsafe extern "C" fn service_file_event(event: *mut crate::tcl_stubs::Tcl_Event, flags: c_int) -> c_int {
+    if flags & crate::tcl_stubs::TCL_FILE_EVENTS as c_int == 0 {
         return 0;
     }
     // SAFETY: event is one of our FileEvents (queued by poll_wait_for_event).
@@ -511,7 +511,7 @@ unsafe extern "C" fn service_file_event(event: *mut clib::Tcl_Event, flags: c_in
     1
 }
 
-unsafe extern "C" fn poll_create_file_handler(fd: c_int, mask: c_int, proc_: clib::Tcl_FileProc, data: ClientData) {
+unsafe extern "C" fn poll_create_file_handler(fd: c_int, mask: c_int, proc_: crate::tcl_stubs::Tcl_FileProc, data: ClientData) {
     if let Some(proc_) = proc_ {
         notifier::set_handler(fd, mask, Callback { proc_, data });
     }
@@ -540,13 +540,13 @@ unsafe extern "C" fn poll_service_mode_hook(_mode: c_int) {}
 /// # Safety
 /// `data` must stay valid until the call, or until [`delete_timer`]; call from the interp's
 /// thread.
-pub unsafe fn create_timer(ms: u32, proc_: unsafe extern "C" fn(ClientData), data: ClientData) -> clib::Tcl_TimerToken {
-    clib::Tcl_CreateTimerHandler(ms.min(c_int::MAX as u32) as c_int, Some(proc_), data)
+pub unsafe fn create_timer(ms: u32, proc_: unsafe extern "C" fn(ClientData), data: ClientData) -> crate::tcl_stubs::Tcl_TimerToken {
+    crate::tcl_stubs::Tcl_CreateTimerHandler(ms.min(c_int::MAX as u32) as c_int, Some(proc_), data)
 }
 
-pub fn delete_timer(token: clib::Tcl_TimerToken) {
+pub fn delete_timer(token: crate::tcl_stubs::Tcl_TimerToken) {
     // SAFETY: deleting a timer that has fired or been deleted already is a no-op in Tcl.
-    unsafe { clib::Tcl_DeleteTimerHandler(token) };
+    unsafe { crate::tcl_stubs::Tcl_DeleteTimerHandler(token) };
 }
 
 /// Wraps a connected TCP socket as a Tcl `sock` channel registered in `interp`; returns its name.
@@ -554,7 +554,7 @@ pub fn register_socket_channel(interp: *mut Tcl_Interp, fd: OwnedFd) -> Option<S
     let raw = fd.into_raw_fd();
     // SAFETY: raw is a connected TCP socket that we own; Tcl takes ownership (closing it when
     // the channel closes). ClientData carries the fd number, as Tcl's own code does (INT2PTR).
-    let chan = unsafe { clib::Tcl_MakeTcpClientChannel(raw as isize as ClientData) };
+    let chan = unsafe { crate::tcl_stubs::Tcl_MakeTcpClientChannel(raw as isize as ClientData) };
     if chan.is_null() {
         // SAFETY: Tcl did not take the fd, so it is still ours to close.
         drop(unsafe { <OwnedFd as std::os::fd::FromRawFd>::from_raw_fd(raw) });
@@ -562,8 +562,8 @@ pub fn register_socket_channel(interp: *mut Tcl_Interp, fd: OwnedFd) -> Option<S
     }
     // SAFETY: chan is the live channel just created; registering gives interp a reference.
     unsafe {
-        clib::Tcl_RegisterChannel(interp, chan);
-        Some(CStr::from_ptr(clib::Tcl_GetChannelName(chan) as *const c_char).to_string_lossy().into_owned())
+        crate::tcl_stubs::Tcl_RegisterChannel(interp, chan);
+        Some(CStr::from_ptr(crate::tcl_stubs::Tcl_GetChannelName(chan) as *const c_char).to_string_lossy().into_owned())
     }
 }
 
@@ -573,30 +573,30 @@ pub fn call_in_background(interp: *mut Tcl_Interp, prefix: &Obj, args: &[Obj]) {
     // SAFETY: interp is live (the caller checked it is not deleted) and is preserved across
     // the evaluation; the command object is a fresh duplicate we own.
     unsafe {
-        clib::Tcl_Preserve(interp as ClientData);
-        let command = Obj::from_ptr(clib::Tcl_DuplicateObj(prefix.as_ptr()));
+        crate::tcl_stubs::Tcl_Preserve(interp as ClientData);
+        let command = Obj::from_ptr(crate::tcl_stubs::Tcl_DuplicateObj(prefix.as_ptr()));
         let mut code = TCL_OK;
         for arg in args {
-            code = clib::Tcl_ListObjAppendElement(interp, command.as_ptr(), arg.as_ptr());
+            code = crate::tcl_stubs::Tcl_ListObjAppendElement(interp, command.as_ptr(), arg.as_ptr());
             if code != TCL_OK {
                 break;
             }
         }
         if code == TCL_OK {
-            code = clib::Tcl_EvalObjEx(interp, command.as_ptr(), clib::TCL_EVAL_GLOBAL as c_int);
+            code = crate::tcl_stubs::Tcl_EvalObjEx(interp, command.as_ptr(), crate::tcl_stubs::TCL_EVAL_GLOBAL as c_int);
         }
         if code != TCL_OK {
-            clib::Tcl_BackgroundException(interp, code);
+            crate::tcl_stubs::Tcl_BackgroundException(interp, code);
         }
         drop(command);
-        clib::Tcl_Release(interp as ClientData);
+        crate::tcl_stubs::Tcl_Release(interp as ClientData);
     }
 }
 
 pub fn interp_deleted(interp: *mut Tcl_Interp) -> bool {
     // SAFETY: asking is allowed until the interp's memory is released, which the state owning
     // this pointer outlives (it is the interp's assoc data).
-    unsafe { clib::Tcl_InterpDeleted(interp) != 0 }
+    unsafe { crate::tcl_stubs::Tcl_InterpDeleted(interp) != 0 }
 }
 
 /// Runs a callback's body (file handler, timer, event) for `interp`, keeping any panic from
@@ -617,13 +617,13 @@ pub fn guard_callback<F: FnOnce()>(interp: *mut Tcl_Interp, body: F) {
 /// (the script's reference and the pointer) is given back when the interp is deleted.
 #[repr(C)]
 struct CloseEvent {
-    header: clib::Tcl_Event,
+    header: crate::tcl_stubs::Tcl_Event,
     /// Null once the interp has been deleted or the event has run.
     interp: *mut Tcl_Interp,
     /// One reference to the script, owned; null whenever `interp` is.
     script: *mut Tcl_Obj,
     /// The channel while the close handler waits for it; null once the event is queued.
-    chan: clib::Tcl_Channel,
+    chan: crate::tcl_stubs::Tcl_Channel,
 }
 
 /// Evaluates `script` (errors to the background handler) from the event loop once the channel
@@ -632,7 +632,7 @@ struct CloseEvent {
 pub fn run_when_closed(interp: *mut Tcl_Interp, name: &str, script: Obj) -> Result<(), CmdError> {
     let cname = CString::new(name).unwrap_or_default();
     // SAFETY: interp is live during its command; a null mode pointer is allowed.
-    let chan = unsafe { clib::Tcl_GetChannel(interp, cname.as_ptr(), std::ptr::null_mut()) };
+    let chan = unsafe { crate::tcl_stubs::Tcl_GetChannel(interp, cname.as_ptr(), std::ptr::null_mut()) };
     if chan.is_null() {
         return Err(CmdError::new(format!("can not find channel named \"{name}\""), &["TCL", "LOOKUP", "CHANNEL", name]));
     }
@@ -641,15 +641,15 @@ pub fn run_when_closed(interp: *mut Tcl_Interp, name: &str, script: Obj) -> Resu
     // field is written before the pointer is handed out. The block lives until the event has run
     // (Tcl frees it), or until forget_close_interp frees it while the channel is still open.
     unsafe {
-        let event = clib::Tcl_Alloc(size) as *mut CloseEvent;
+        let event = crate::tcl_stubs::Tcl_Alloc(size) as *mut CloseEvent;
         event.write(CloseEvent {
-            header: clib::Tcl_Event { proc_: Some(run_close_script), nextPtr: std::ptr::null_mut() },
+            header: crate::tcl_stubs::Tcl_Event { proc_: Some(run_close_script), nextPtr: std::ptr::null_mut() },
             interp,
             script: script.into_raw(),
             chan,
         });
-        clib::Tcl_CreateCloseHandler(chan, Some(queue_close_script), event as ClientData);
-        clib::Tcl_CallWhenDeleted(interp, Some(forget_close_interp), event as ClientData);
+        crate::tcl_stubs::Tcl_CreateCloseHandler(chan, Some(queue_close_script), event as ClientData);
+        crate::tcl_stubs::Tcl_CallWhenDeleted(interp, Some(forget_close_interp), event as ClientData);
     }
     Ok(())
 }
@@ -661,7 +661,7 @@ unsafe extern "C" fn queue_close_script(data: ClientData) {
     // now belongs to the event queue.
     unsafe {
         (*event).chan = std::ptr::null_mut();
-        clib::Tcl_QueueEvent(event.cast(), clib::Tcl_QueuePosition_TCL_QUEUE_TAIL);
+        crate::tcl_stubs::Tcl_QueueEvent(event.cast(), crate::tcl_stubs::Tcl_QueuePosition_TCL_QUEUE_TAIL);
     }
 }
 
@@ -680,14 +680,14 @@ unsafe extern "C" fn forget_close_interp(data: ClientData, _interp: *mut Tcl_Int
         (*event).interp = std::ptr::null_mut();
         let chan = (*event).chan;
         if !chan.is_null() {
-            clib::Tcl_DeleteCloseHandler(chan, Some(queue_close_script), data);
-            clib::Tcl_Free(event.cast());
+            crate::tcl_stubs::Tcl_DeleteCloseHandler(chan, Some(queue_close_script), data);
+            crate::tcl_stubs::Tcl_Free(event.cast());
         }
     }
 }
 
-unsafe extern "C" fn run_close_script(event: *mut clib::Tcl_Event, flags: c_int) -> c_int {
-    if flags & clib::TCL_FILE_EVENTS as c_int == 0 {
+unsafe extern "C" fn run_close_script(event: *mut crate::tcl_stubs::Tcl_Event, flags: c_int) -> c_int {
+    if flags & crate::tcl_stubs::TCL_FILE_EVENTS as c_int == 0 {
         return 0; // not now: a file event, and this round is not servicing those
     }
     let event = event as *mut CloseEvent;
@@ -699,7 +699,7 @@ unsafe extern "C" fn run_close_script(event: *mut clib::Tcl_Event, flags: c_int)
         if interp.is_null() {
             return 1;
         }
-        clib::Tcl_DontCallWhenDeleted(interp, Some(forget_close_interp), event as ClientData);
+        crate::tcl_stubs::Tcl_DontCallWhenDeleted(interp, Some(forget_close_interp), event as ClientData);
         (interp, Obj::from_raw(std::mem::replace(&mut (*event).script, std::ptr::null_mut())))
     };
     guard_callback(interp, || {

@@ -13,9 +13,10 @@ mod fork_safety;
 mod notifier;
 mod process;
 mod sys;
+mod tcl_stubs;
 mod worker;
 
-use clib::{ClientData, Tcl_Interp, Tcl_Obj};
+use crate::tcl_stubs::{ClientData, Tcl_Interp, Tcl_Obj};
 use commands::{InterpState, StateCell};
 use ffi::Obj;
 use std::cell::RefCell;
@@ -40,24 +41,22 @@ const STATE_KEY: &CStr = c"socketserver";
 #[no_mangle]
 pub unsafe extern "C" fn Socketserver_Init(interp: *mut Tcl_Interp) -> c_int {
     // SAFETY: interp is live (Tcl's contract for init procedures).
-    if unsafe { clib::Tcl_PkgRequireEx(interp, c"Tcl".as_ptr(), c"8.6".as_ptr(), 0, std::ptr::null_mut()) }
-        .is_null()
-    {
+    if unsafe { tcl_stubs::init(interp) }.is_err() {
         return ffi::TCL_ERROR;
     }
     if let Err(err) = fork_safety::install() {
         let message = format!("couldn't install fork handlers: {err}");
         // SAFETY: interp is live; Tcl takes its own reference to the result.
-        unsafe { clib::Tcl_SetObjResult(interp, Obj::string(&message).as_ptr()) };
+        unsafe { crate::tcl_stubs::Tcl_SetObjResult(interp, Obj::string(&message).as_ptr()) };
         return ffi::TCL_ERROR;
     }
     // SAFETY: interp is live; the state is created once per interp and owned by its assoc data,
     // which Tcl deletes after the interp's commands, so the commands never see it freed.
     unsafe {
-        let mut state = clib::Tcl_GetAssocData(interp, STATE_KEY.as_ptr(), std::ptr::null_mut());
+        let mut state = crate::tcl_stubs::Tcl_GetAssocData(interp, STATE_KEY.as_ptr(), std::ptr::null_mut());
         if state.is_null() {
             state = Box::into_raw(Box::new(RefCell::new(InterpState::new(interp)))) as ClientData;
-            clib::Tcl_SetAssocData(interp, STATE_KEY.as_ptr(), Some(delete_state), state);
+            crate::tcl_stubs::Tcl_SetAssocData(interp, STATE_KEY.as_ptr(), Some(delete_state), state);
         }
         ffi::create_command(interp, SOCKET_COMMAND, Some(socket_proc), state);
         ffi::create_command(interp, INFO_COMMAND, Some(info_proc), state);
@@ -68,7 +67,7 @@ pub unsafe extern "C" fn Socketserver_Init(interp: *mut Tcl_Interp) -> c_int {
         ffi::create_command(interp, ONCLOSE_COMMAND, Some(onclose_proc), state);
         ffi::create_command(interp, NOTIFIER_COMMAND, Some(notifier_proc), state);
         let version = CString::new(env!("CARGO_PKG_VERSION")).expect("no NUL in a version");
-        clib::Tcl_PkgProvideEx(interp, PACKAGE.as_ptr(), version.as_ptr(), std::ptr::null_mut())
+        crate::tcl_stubs::Tcl_PkgProvideEx(interp, PACKAGE.as_ptr(), version.as_ptr(), std::ptr::null_mut())
     }
 }
 
