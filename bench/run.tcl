@@ -756,8 +756,6 @@ proc ::bench::main {argv} {
     variable rows
     variable errors
     variable clktck
-    variable servers
-    variable clients
 
     set quick 0
     set runs 3
@@ -887,15 +885,7 @@ proc ::bench::main {argv} {
             }
         }
     } finally {
-        # Whatever is still running: stop it, by pid.
-        foreach rec $servers {
-            catch {stop $rec}
-        }
-        dict for {chan pids} $clients {
-            killpids SIGKILL $pids
-            catch {fconfigure $chan -blocking 1}
-            catch {close $chan}
-        }
+        cleanup
     }
     set elapsed [expr {([clock milliseconds] - $started) / 1000.0}]
     say "\nTotal time: [format %.0f $elapsed] s; load average after the run: [loadavg]\
@@ -1006,9 +996,46 @@ proc ::bench::versus {text config base scenario metric op goal unit {digits {}}}
     target $text [ratio $a $b] $op $goal "[fmt $a $digits] vs [fmt $b $digits] $unit"
 }
 
-# Ctrl-C or SIGTERM: raise an error, so every finally clause runs and every
-# started process is stopped.
-signal error {SIGINT SIGTERM}
+# Whatever is still running: stop it, by pid.
+proc ::bench::cleanup {} {
+    variable servers
+    variable clients
+    foreach rec $servers {
+        catch {stop $rec}
+    }
+    dict for {chan pids} $clients {
+        killpids SIGKILL $pids
+        catch {fconfigure $chan -blocking 1}
+        catch {close $chan}
+    }
+}
+
+# Ctrl-C or SIGTERM: stop every started process, and exit.  Trapped with
+# ::socketserver::trap (a self-pipe read by the event loop, where the driver
+# waits): Tclx's `signal error` deadlocks Tcl 8.6 when the signal comes while
+# the event loop holds the notifier's mutex (Tcl_AsyncMark from the handler
+# takes it again); seen with a SIGTERM during a run.
+proc ::bench::interrupted {signal} {
+    variable stopping
+    if {[info exists stopping]} {
+        return
+    }
+    set stopping 1
+    catch {say "\nbench: $signal: stopping every process it started"}
+    cleanup
+    exit 1
+}
+
+if {![info exists ::env(TCLLIBPATH)]} {
+    lappend auto_path [file join $::bench::root build]
+}
+if {[catch {package require socketserver} msg]} {
+    puts stderr "bench: $msg: run make all, and set TCLLIBPATH to the build directory"
+    exit 1
+}
+foreach signal {INT TERM} {
+    ::socketserver::trap $signal [list ::bench::interrupted SIG$signal]
+}
 
 if {[catch {::bench::main $argv} msg opts]} {
     puts stderr "bench: $msg"
