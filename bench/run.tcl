@@ -7,7 +7,9 @@
 #
 # Configurations: plain (one Tcl process, socket -server), socketserver with
 # N = 1, 2, 4, 8 forked workers (ss1 ... ss8), and limit (bare Rust, one
-# process per core).  Each run starts every configuration in turn (the order
+# process per core); and ss1000, 1000 workers, which runs only the herd and ab
+# scenarios, for the dispatcher's cost per connection against N=8's (issue 10;
+# see many_workers).  Each run starts every configuration in turn (the order
 # rotates from run to run), runs the scenarios against it and stops it, so the
 # configurations are interleaved; at least 3 runs.
 #
@@ -38,8 +40,11 @@
 # worker; the tick-based figure is kept in the CSV as cpu_all_stat, and used
 # when the kernel has no schedstat.
 #
+# The dispatcher's own CPU is that of the serving process's thread named
+# socketserver:PORT.
+#
 # Prints the machine, a markdown table of medians (min-max), the targets of
-# issue 3 as ratios with PASS/MISS, and writes bench/results/*.csv.
+# issues 3 and 10 as ratios with PASS/MISS, and writes bench/results/*.csv.
 # Every process it starts is stopped by pid and reaped, also on error.
 
 package require Tcl 8.6
@@ -55,6 +60,8 @@ namespace eval ::bench {
     variable vals               ;# (config,scenario,metric) -> list of values
     array set vals {}
     variable errors {}
+    variable born               ;# pid -> start time, see note_started
+    array set born {}
     variable usens [file readable /proc/[pid]/task/[pid]/schedstat]
                                 ;# 1: per-thread schedstat (ns) is available
     variable clktck 100
@@ -111,15 +118,34 @@ proc ::bench::read_line {chan deadline what} {
     }
 }
 
-# Is PID alive (and not a zombie)?
-proc ::bench::alive {pid} {
+# Fields 3 and on of /proc/PID/stat (after the command name), or "" if PID is gone.
+proc ::bench::procstat {pid} {
     if {[catch {open /proc/$pid/stat} f]} {
-        return 0
+        return {}
     }
     set s [read $f]
     close $f
-    set rest [string range $s [expr {[string last ")" $s] + 2}] end]
-    return [expr {[lindex $rest 0] ni {Z X}}]
+    return [string range $s [expr {[string last ")" $s] + 2}] end]
+}
+
+# Remember when PIDS started (field 22 of stat): a worker is reaped by its
+# serving process, not by us, so its pid may be reused by then; alive, and so
+# killpids, must not take the newcomer for it.
+proc ::bench::note_started {pids} {
+    variable born
+    foreach pid $pids {
+        set born($pid) [lindex [procstat $pid] 19]
+    }
+}
+
+# Is PID alive (and not a zombie), and still the process note_started saw?
+proc ::bench::alive {pid} {
+    variable born
+    set rest [procstat $pid]
+    if {$rest eq "" || [lindex $rest 0] in {Z X}} {
+        return 0
+    }
+    return [expr {![info exists born($pid)] || [lindex $rest 19] eq $born($pid)}]
 }
 
 proc ::bench::killpids {signal pids} {
@@ -178,26 +204,43 @@ proc ::bench::run_cmd {cmd timeout} {
     return [dict create output $out timedout $timedout status $status]
 }
 
-# CPU time, in ns, of every thread of PIDS: {ns stat_ns}, where ns comes from
-# schedstat when the kernel has it, else from stat.
-proc ::bench::cpu {pids} {
+# CPU time, in ns, of every thread of PIDS whose name matches the glob pattern
+# THREADS: {ns stat_ns}, where ns comes from schedstat when the kernel has it,
+# else from stat.
+proc ::bench::cpu {pids {threads *}} {
     variable clktck
     variable usens
     set ns 0
     set ticks 0
     foreach pid $pids {
-        foreach f [glob -nocomplain /proc/$pid/task/*/schedstat] {
-            if {![catch {open $f} ch]} {
+        # The process's stat counts its threads that have ended too; a thread's
+        # counts only that thread.
+        set stats [expr {$threads eq "*" ? "/proc/$pid/stat" : {}}]
+        foreach task [glob -nocomplain /proc/$pid/task/*] {
+            if {$threads ne "*"} {
+                if {[catch {open $task/comm} ch]} {
+                    continue
+                }
+                set name [string trim [read $ch]]
+                close $ch
+                if {![string match $threads $name]} {
+                    continue
+                }
+                lappend stats $task/stat
+            }
+            if {![catch {open $task/schedstat} ch]} {
                 set ns [expr {$ns + [lindex [read $ch] 0]}]
                 close $ch
             }
         }
-        if {![catch {open /proc/$pid/stat} ch]} {
-            set s [read $ch]
-            close $ch
-            set rest [string range $s [expr {[string last ")" $s] + 2}] end]
-            # Fields 14 and 15 of stat; rest starts at field 3.
-            set ticks [expr {$ticks + [lindex $rest 11] + [lindex $rest 12]}]
+        foreach file $stats {
+            if {![catch {open $file} ch]} {
+                set s [read $ch]
+                close $ch
+                set rest [string range $s [expr {[string last ")" $s] + 2}] end]
+                # Fields 14 and 15 of stat; rest starts at field 3.
+                set ticks [expr {$ticks + [lindex $rest 11] + [lindex $rest 12]}]
+            }
         }
     }
     set statns [expr {$ticks * 1000000000 / $clktck}]
@@ -225,6 +268,54 @@ proc ::bench::median {list} {
 
 # ---------------------------------------------------------------- servers
 
+# The number of workers of a socketserver configuration (ssN...), else 0.
+proc ::bench::nworkers {name} {
+    if {![regexp {^ss(\d+)} $name -> n]} {
+        return 0
+    }
+    return $n
+}
+
+# A configuration with this many workers or more measures only the
+# dispatcher's cost (the herd and ab scenarios, see many_workers).
+proc ::bench::many {name} {
+    return [expr {[nworkers $name] >= 100}]
+}
+
+# The command that starts ss_server.tcl with N workers, checked against this
+# machine's limits: the serving process holds 3 fds per registered worker
+# (RLIMIT_NOFILE, raised to what it needs, up to the hard limit), and every
+# worker is a process of its own (RLIMIT_NPROC, memory).
+proc ::bench::ss_command {cmd n} {
+    set need [expr {3 * $n + 256}]
+    # This process's limits, which the server inherits.
+    set f [open /proc/self/limits]
+    set limits [read $f]
+    close $f
+    regexp -line {^Max open files\s+(\S+)\s+(\S+)} $limits -> soft hard
+    regexp -line {^Max processes\s+(\S+)} $limits -> nproc
+    if {$hard ne "unlimited" && $hard < $need} {
+        error "$n workers need $need fds in the serving process: the hard limit\
+                (ulimit -Hn) is $hard"
+    }
+    if {$nproc ne "unlimited" && $nproc < $n + 256} {
+        error "$n workers need [expr {$n + 256}] processes: the limit (ulimit -u) is $nproc"
+    }
+    # Measured: ~0.4 MB of private memory per worker; 1 MB per worker is ample.
+    set f [open /proc/meminfo]
+    regexp -line {^MemAvailable:\s+(\d+) kB} [read $f] -> avail
+    close $f
+    if {[info exists avail] && $avail < ($n + 256) * 1024} {
+        error "$n workers need about [expr {$n + 256}] MB of memory:\
+                [expr {$avail / 1024}] MB are available"
+    }
+    if {$soft ne "unlimited" && $soft < $need} {
+        # exec keeps the pid: the shell becomes the serving process.
+        set cmd [list sh -c "ulimit -Sn $need && exec \"\$@\"" sh {*}$cmd]
+    }
+    return $cmd
+}
+
 # Start configuration NAME; returns its record: a dict with name, chan, port,
 # pid (serving process), workers (pids), ctl (pid -> control port, socketserver
 # only), pids (every process of the server).
@@ -233,6 +324,7 @@ proc ::bench::start {name ncores} {
     variable root
     variable servers
     set tclsh [info nameofexecutable]
+    set n [nworkers $name]
     switch -glob -- $name {
         plain {
             set cmd [list $tclsh [file join $here plain_server.tcl]]
@@ -241,9 +333,9 @@ proc ::bench::start {name ncores} {
             # ssN: N workers, synchronous handler, poll notifier; ssNfe:
             # fileevent handler; ssNtcl: Tcl's own notifier.
             regexp {^ss(\d+)(fe|tcl)?$} $name -> n variant
-            set cmd [list $tclsh [file join $here ss_server.tcl] -workers $n \
+            set cmd [ss_command [list $tclsh [file join $here ss_server.tcl] -workers $n \
                     -handler [expr {$variant eq "fe" ? "fileevent" : "sync"}] \
-                    -notifier [expr {$variant eq "tcl" ? "tcl" : "poll"}]]
+                    -notifier [expr {$variant eq "tcl" ? "tcl" : "poll"}]] $n]
         }
         limit {
             set cmd [list [file join $root target release examples limit] 0 $ncores]
@@ -254,7 +346,8 @@ proc ::bench::start {name ncores} {
             workers {} ctl {} pids [pid $chan]]
     lappend servers $rec
     fconfigure $chan -blocking 0 -buffering line
-    set deadline [expr {[clock milliseconds] + 20000}]
+    # ss_server.tcl waits up to 5 s and 20 ms per worker for them to be armed.
+    set deadline [expr {[clock milliseconds] + 20000 + 30 * $n}]
     while {1} {
         set line [read_line $chan $deadline $name]
         if {[lindex $line 0] eq "worker" && [llength $line] == 4} {
@@ -276,6 +369,10 @@ proc ::bench::start {name ncores} {
     }
     dict set rec pids [concat [dict get $rec pid] [dict get $rec workers]]
     set servers [lreplace $servers end end $rec]
+    note_started [dict get $rec workers]
+    if {[dict exists $line ready] && [dict get $line ready] < $n} {
+        error "$name: only [dict get $line ready] of $n workers were armed in time"
+    }
     return $rec
 }
 
@@ -337,9 +434,12 @@ proc ::bench::ctl_query {port} {
 }
 
 # socketserver counters: serving process's info, and workers' wakeups and
-# received summed.  Empty for the other configurations.
+# received summed.  Empty for the other configurations, and with many workers:
+# asking 1000 workers takes ~0.5 s, twice per scenario (measured once: 1.000
+# wake-ups per connection at c=1 with 1000 workers too).
 proc ::bench::stats {rec} {
-    if {![string match ss* [dict get $rec name]]} {
+    set name [dict get $rec name]
+    if {![string match ss* $name] || [many $name]} {
         return {}
     }
     set wakeups 0
@@ -454,6 +554,7 @@ proc ::bench::scenario {run rec kind cfg} {
     set workers [dict get $rec workers]
     set s0 [stats $rec]
     lassign [cpu $serving] sv0 sv0t
+    lassign [cpu $serving socketserver*] dp0
     lassign [cpu $workers] wk0 wk0t
     switch -- $kind {
         herd {set res [ab $port [dict get $cfg herd] 1]}
@@ -463,6 +564,7 @@ proc ::bench::scenario {run rec kind cfg} {
     }
     pause 50
     lassign [cpu $serving] sv1 sv1t
+    lassign [cpu $serving socketserver*] dp1
     lassign [cpu $workers] wk1 wk1t
     set s1 [stats $rec]
     foreach key {rps p50 p99 max errors} {
@@ -477,6 +579,10 @@ proc ::bench::scenario {run rec kind cfg} {
     if {$conns > 0} {
         set k [expr {1000.0 / $conns / 1e6}]   ;# ns -> ms per 1000 connections
         record $run $name $kind cpu_serving [expr {($sv1 - $sv0) * $k}]
+        if {[string match ss* $name]} {
+            # The dispatcher thread alone (named socketserver:PORT).
+            record $run $name $kind cpu_dispatcher [expr {($dp1 - $dp0) * $k}]
+        }
         if {[llength $workers]} {
             record $run $name $kind cpu_workers [expr {($wk1 - $wk0) * $k}]
         }
@@ -650,8 +756,6 @@ proc ::bench::main {argv} {
     variable rows
     variable errors
     variable clktck
-    variable servers
-    variable clients
 
     set quick 0
     set runs 3
@@ -679,10 +783,10 @@ proc ::bench::main {argv} {
     }
     if {$quick} {
         set cfg [dict create abn 5000 wrkd 2 slowd 2 herd 1000 warm 200 \
-                configs {plain ss2 ss8 limit}]
+                configs {plain ss2 ss8 limit ss1000}]
     } else {
         set cfg [dict create abn 20000 wrkd 10 slowd 4 herd 2000 warm 500 \
-                configs {plain ss1 ss2 ss4 ss8 ss8tcl limit}]
+                configs {plain ss1 ss2 ss4 ss8 ss8tcl limit ss1000}]
     }
     if {[llength $only]} {
         dict set cfg configs $only
@@ -743,8 +847,9 @@ proc ::bench::main {argv} {
                 set rec {}
                 try {
                     set rec [start $name $ncores]
-                    # Warm up (not measured): every worker has served a few.
-                    ab [dict get $rec port] [dict get $cfg warm] 4
+                    # Warm up (not measured): every worker has served a few, or
+                    # (many workers, taken in turn) one.
+                    ab [dict get $rec port] [expr {max([dict get $cfg warm], [nworkers $name])}] 4
                     set line "run $run/$runs [format %-6s $name]"
                     set r [scenario $run $rec herd $cfg]
                     append line " | c=1 CPU " [fmt [last $name herd cpu_all]] " ms/1000"
@@ -753,9 +858,16 @@ proc ::bench::main {argv} {
                     }
                     set r [scenario $run $rec ab $cfg]
                     append line " | ab [format %.0f [dict get $r rps]]/s"
-                    set r [scenario $run $rec wrk $cfg]
-                    append line " | wrk [format %.0f [dict get $r rps]]/s"
-                    if {$name ne "limit"} {
+                    if {[string match ss* $name]} {
+                        append line ", dispatcher c=1 " [fmt [last $name herd cpu_dispatcher]] \
+                                " c=32 " [fmt [last $name ab cpu_dispatcher]] " ms/1000"
+                    }
+                    # Many workers: only the dispatcher's cost (see many_workers).
+                    if {![many $name]} {
+                        set r [scenario $run $rec wrk $cfg]
+                        append line " | wrk [format %.0f [dict get $r rps]]/s"
+                    }
+                    if {$name ne "limit" && ![many $name]} {
                         set r [scenario $run $rec slow $cfg]
                         append line " | slow [format %.0f [dict get $r rps]]/s\
                                 p99 [fmt [dict get $r p99]] ms"
@@ -773,15 +885,7 @@ proc ::bench::main {argv} {
             }
         }
     } finally {
-        # Whatever is still running: stop it, by pid.
-        foreach rec $servers {
-            catch {stop $rec}
-        }
-        dict for {chan pids} $clients {
-            killpids SIGKILL $pids
-            catch {fconfigure $chan -blocking 1}
-            catch {close $chan}
-        }
+        cleanup
     }
     set elapsed [expr {([clock milliseconds] - $started) / 1000.0}]
     say "\nTotal time: [format %.0f $elapsed] s; load average after the run: [loadavg]\
@@ -824,10 +928,11 @@ proc ::bench::report {configs cfg} {
     table "Fast, ab -n $abn -c 32 (a connection per request):" \
         {server req/s p50 p99 max errors CPU} $configs \
         {{ab rps 0} {ab p50} {ab p99} {ab max} {ab errors 0} {ab cpu_all}}
+    set wrk [lmap c $configs {if {[many $c]} continue; set c}]
     table "Fast, wrk -c 32 -d [dict get $cfg wrkd]s -H 'Connection: close':" \
-        {server req/s p50 p99 max errors} $configs \
+        {server req/s p50 p99 max errors} $wrk \
         {{wrk rps 0} {wrk p50} {wrk p99} {wrk max} {wrk errors 0}}
-    set slow [lsearch -all -inline -not -exact $configs limit]
+    set slow [lsearch -all -inline -not -exact $wrk limit]
     table "Slow mix, wrk -c 32 -d [dict get $cfg slowd]s, one request in ten blocks its process 5 ms:" \
         {server req/s p50 p99 max errors} $slow \
         {{slow rps 0} {slow p50} {slow p99} {slow max} {slow errors 0}}
@@ -838,10 +943,37 @@ proc ::bench::report {configs cfg} {
          {ab cpu_all} {ab cpu_serving}}
     say "\n(\"serving\" is the process holding the listener: for socketserver the dispatcher,\
             for plain the whole server, for limit its idle parent; limit's CPU is its per-connection floor.)"
+    many_workers $configs $cfg
+}
+
+# Issue 10: the dispatcher's cost per connection must not grow with the number
+# of registered workers.  ss1000 has 1000 workers, all armed, as a pool's idle
+# workers are: each connection goes to the one that has waited longest, so they
+# take turns, and every one serves.  (With 8 armed and 992 registered but
+# busy, the dispatcher would be spared a ready queue 1000 long and a different
+# mailbox and process to wake each time: measured with the poll dispatcher,
+# that case cost 10-30% less at c=1.)  Only the herd and ab scenarios run on
+# it; its row in the table below is the dispatcher thread's CPU against the
+# same load with 8 workers.
+proc ::bench::many_workers {configs cfg} {
+    set ss [lsearch -all -inline -glob $configs ss*]
+    if {![llength $ss]} {
+        return
+    }
+    table "Dispatcher thread only, by registered workers (all armed), ab -n [dict get $cfg herd]\
+            -c 1 and ab -n [dict get $cfg abn] -c 32:" \
+        {server {dispatcher c=1} {dispatcher c=32} {req/s c=1} {req/s c=32}} $ss \
+        {{herd cpu_dispatcher} {ab cpu_dispatcher} {herd rps 0} {ab rps 0}}
+    set row [list "ratio N=1000 / N=8"]
+    foreach {scenario metric} {herd cpu_dispatcher ab cpu_dispatcher herd rps ab rps} {
+        set r [ratio [med ss1000 $scenario $metric] [med ss8 $scenario $metric]]
+        lappend row [expr {$r eq "" ? "n/a" : [format %.2f $r]}]
+    }
+    say "| [join $row { | }] |"
 }
 
 proc ::bench::targets {} {
-    say "\nTargets (issue 3), ratios of medians from this run:"
+    say "\nTargets (issues 3 and 10), ratios of medians from this run:"
     set w [med ss8 herd wakeups_per_conn]
     target "wake-ups per connection, 8 idle workers, c=1 (target 1.00 ± 0.02)" \
         $w ~ 0.02 "received/conn [fmt [med ss8 herd received_per_conn] 3]"
@@ -853,6 +985,10 @@ proc ::bench::targets {} {
         ss8 plain slow p99 <= 0.35 ms
     versus "fast req/s (wrk), socketserver N=2 / limit (target ≥ 0.9)" \
         ss2 limit wrk rps >= 0.9 req/s 0
+    versus "dispatcher CPU per connection at c=1, N=1000 / N=8 workers (target ≤ 1.5)" \
+        ss1000 ss8 herd cpu_dispatcher <= 1.5 ms
+    versus "dispatcher CPU per connection at c=32, N=1000 / N=8 workers (target ≤ 1.5)" \
+        ss1000 ss8 ab cpu_dispatcher <= 1.5 ms
 }
 
 # One target line: the median of METRIC in SCENARIO for CONFIG over BASE's.
@@ -862,9 +998,46 @@ proc ::bench::versus {text config base scenario metric op goal unit {digits {}}}
     target $text [ratio $a $b] $op $goal "[fmt $a $digits] vs [fmt $b $digits] $unit"
 }
 
-# Ctrl-C or SIGTERM: raise an error, so every finally clause runs and every
-# started process is stopped.
-signal error {SIGINT SIGTERM}
+# Whatever is still running: stop it, by pid.
+proc ::bench::cleanup {} {
+    variable servers
+    variable clients
+    foreach rec $servers {
+        catch {stop $rec}
+    }
+    dict for {chan pids} $clients {
+        killpids SIGKILL $pids
+        catch {fconfigure $chan -blocking 1}
+        catch {close $chan}
+    }
+}
+
+# Ctrl-C or SIGTERM: stop every started process, and exit.  Trapped with
+# ::socketserver::trap (a self-pipe read by the event loop, where the driver
+# waits): Tclx's `signal error` deadlocks Tcl 8.6 when the signal comes while
+# the event loop holds the notifier's mutex (Tcl_AsyncMark from the handler
+# takes it again); seen with a SIGTERM during a run.
+proc ::bench::interrupted {signal} {
+    variable stopping
+    if {[info exists stopping]} {
+        return
+    }
+    set stopping 1
+    catch {say "\nbench: $signal: stopping every process it started"}
+    cleanup
+    exit 1
+}
+
+if {![info exists ::env(TCLLIBPATH)]} {
+    lappend auto_path [file join $::bench::root build]
+}
+if {[catch {package require socketserver} msg]} {
+    puts stderr "bench: $msg: run make all, and set TCLLIBPATH to the build directory"
+    exit 1
+}
+foreach signal {INT TERM} {
+    ::socketserver::trap $signal [list ::bench::interrupted SIG$signal]
+}
 
 if {[catch {::bench::main $argv} msg opts]} {
     puts stderr "bench: $msg"

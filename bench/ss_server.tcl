@@ -15,9 +15,10 @@
 #
 # Output on stdout, one line each:
 #   worker PID ctl CTLPORT            once per worker, when it starts
-#   port PORT pid PID workers {PID...} ctl CTLPORT
+#   port PORT pid PID workers {PID...} ctl CTLPORT ready R
 #                                     the serving process, once every worker is
-#                                     armed (ready = N), so load can start
+#                                     armed (R = N; fewer if the bounded wait
+#                                     ran out), so load can start
 # CTLPORT is a private control listener on 127.0.0.1: connect, and the process
 # answers one line, "pid PID info {DICT}" with [::socketserver::info PORT], and
 # closes.  It is not served through socketserver, so asking does not count as
@@ -36,11 +37,13 @@ namespace eval ::ss {
     variable workers {}
     variable handler ::bench::accept_sync
     variable notifier poll
+    variable listener {}        ;# this process's control listener
 }
 
-# The control listener: one line of stats per connection.
+# The control listener (::ss::listener): one line of stats per connection.
+# Returns its port.
 proc ::ss::control {} {
-    set listener [socket -server ::ss::control_accept -myaddr 127.0.0.1 0]
+    variable listener [socket -server ::ss::control_accept -myaddr 127.0.0.1 0]
     return [lindex [fconfigure $listener -sockname] 2]
 }
 
@@ -57,6 +60,10 @@ proc ::ss::control_accept {chan ip peerport} {
 proc ::ss::worker {} {
     variable port
     variable notifier
+    variable listener
+    # The serving process's listener: a worker answers on its own (and a listening
+    # socket would keep the notifier from switching).
+    close $listener
     ::socketserver::notifier $notifier
     set ctl [control]
     puts "worker [pid] ctl $ctl"
@@ -69,25 +76,26 @@ proc ::ss::worker {} {
     exit 0
 }
 
-# Kill every worker by pid and reap it; every wait is bounded.
+# Kill every worker by pid and reap it: SIGTERM, then SIGKILL for those not gone
+# within 2 s in all (however many workers there are).
 proc ::ss::shutdown {} {
     variable workers
     foreach pid $workers {
         catch {kill SIGTERM $pid}
     }
+    set deadline [expr {[clock milliseconds] + 2000}]
+    while {[llength $workers] && [clock milliseconds] < $deadline} {
+        set workers [lmap pid $workers {
+            if {[catch {wait -nohang $pid} r] || [llength $r]} continue
+            set pid
+        }]
+        if {[llength $workers]} {
+            after 10
+        }
+    }
     foreach pid $workers {
-        set reaped 0
-        for {set i 0} {$i < 100 && !$reaped} {incr i} {
-            if {[catch {wait -nohang $pid} r] || [llength $r]} {
-                set reaped 1
-            } else {
-                after 10
-            }
-        }
-        if {!$reaped} {
-            catch {kill SIGKILL $pid}
-            catch {wait $pid}
-        }
+        catch {kill SIGKILL $pid}
+        catch {wait $pid}
     }
     set workers {}
     set ::forever 1
@@ -119,8 +127,25 @@ proc ::ss::main {argv} {
     }
     set notifier $opt(-notifier)
     set port [::socketserver::socket server -myaddr 127.0.0.1 -queue $opt(-queue) $opt(-port)]
+    # Each registered worker pins 3 fds in this process, and Tcl 8.6's notifier (select)
+    # aborts on an fd of FD_SETSIZE (1024) or more.  So the fds it watches come first: the
+    # control listener, and the notifier thread's own pipe, which it makes when it first
+    # waits (update).  This process stays on Tcl's notifier, so that -notifier tcl workers
+    # inherit it.
+    set ctl [control]
+    update
     flush stdout
+    # Startup is bounded: 5 s and 20 ms per worker.  The driver checks `ready`.
+    set deadline [expr {[clock milliseconds] + 5000 + 20 * $opt(-workers)}]
     for {set i 0} {$i < $opt(-workers)} {incr i} {
+        # In batches of 8, each once the last has registered: the registration socket
+        # queues only net.unix.max_dgram_qlen (default 10) messages, and a worker that
+        # finds it full retries every millisecond, for 5 s: hundreds at once starve the
+        # dispatcher, and some fail ("connection timed out").
+        while {$i % 8 == 0 && [llength [dict get [::socketserver::info $port] workers]] < $i
+                && [clock milliseconds] < $deadline} {
+            after 1
+        }
         set pid [fork]
         if {$pid == 0} {
             set workers {}
@@ -128,15 +153,12 @@ proc ::ss::main {argv} {
         }
         lappend workers $pid
     }
-    # Wait (bounded: 10 s) until every worker is armed.
-    for {set i 0} {$i < 1000} {incr i} {
-        if {[dict get [::socketserver::info $port] ready] >= $opt(-workers)} {
-            break
-        }
+    # Until every worker is armed.
+    while {[set ready [dict get [::socketserver::info $port] ready]] < $opt(-workers)
+            && [clock milliseconds] < $deadline} {
         after 10
     }
-    set ctl [control]
-    puts [list port $port pid [pid] workers $workers ctl $ctl]
+    puts [list port $port pid [pid] workers $workers ctl $ctl ready $ready]
     flush stdout
     ::bench::watch_stdin ::ss::shutdown
     vwait ::forever
