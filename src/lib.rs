@@ -13,6 +13,7 @@ mod fork_safety;
 mod notifier;
 mod process;
 mod sys;
+mod wire;
 mod worker;
 
 use clib::{ClientData, Tcl_Interp, Tcl_Obj};
