@@ -2,10 +2,12 @@
 //! the snapshot that answers `info`.
 //!
 //! - `S` (1 byte): stop.
-//! - `I` id:u64 (9): a snapshot, please. The answer is `I` id:u64 errno:i32 (13), with, when
-//!   errno is 0, a memfd attached that holds the encoded [`Snapshot`]: so its size is not bound
-//!   by a socket's buffer, and the dispatcher never waits for the Tcl thread to read it. The id
-//!   tells an answer to this request from a late one to an earlier request that timed out.
+//! - `I` id:u64 (9): a snapshot, please. The answer is `I` id:u64 errno:i32 (13), then, when
+//!   errno is 0, the encoded [`Snapshot`]: inline if it is at most [`INLINE_SNAPSHOT`] bytes (no
+//!   fd needed, so `info` works even when the process is out of fds), else in a memfd attached
+//!   to the answer, so that its size is bound by no socket buffer. Either way the dispatcher
+//!   never waits for the Tcl thread to read it. The id tells an answer to this request from a
+//!   late one to an earlier request that timed out.
 //!
 //! A snapshot: accepted:u64 delivered:u64 refused:u64 dropped:u64 queued:u32 ready:u32
 //! max_workers:u32 count:u32 (48 bytes), then `count` workers of 24 bytes each: pid:i32
@@ -84,19 +86,30 @@ pub fn decode_request(bytes: &[u8]) -> Option<Request> {
     }
 }
 
-/// The answer to snapshot request `id`: errno 0 when the snapshot is attached.
-pub fn encode_answer(id: u64, errno: i32) -> [u8; 13] {
-    let mut out = [SNAPSHOT; 13];
-    out[1..9].copy_from_slice(&id.to_le_bytes());
-    out[9..].copy_from_slice(&errno.to_le_bytes());
+/// The largest snapshot sent inline (about 1300 workers): well under any socket send buffer.
+pub const INLINE_SNAPSHOT: usize = 32 * 1024;
+/// The largest answer: its header and an inline snapshot.
+pub const MAX_ANSWER: usize = ANSWER_HEADER + INLINE_SNAPSHOT;
+const ANSWER_HEADER: usize = 13;
+
+/// The answer to snapshot request `id`: errno 0 when the snapshot follows, `inline` or in a
+/// memfd attached to the message.
+pub fn encode_answer(id: u64, errno: i32, inline: &[u8]) -> Vec<u8> {
+    let mut out = Vec::with_capacity(ANSWER_HEADER + inline.len());
+    out.push(SNAPSHOT);
+    out.extend_from_slice(&id.to_le_bytes());
+    out.extend_from_slice(&errno.to_le_bytes());
+    out.extend_from_slice(inline);
     out
 }
 
-pub fn decode_answer(bytes: &[u8]) -> Option<(u64, i32)> {
+/// The request id, errno and inline snapshot bytes of an answer.
+pub fn decode_answer(bytes: &[u8]) -> Option<(u64, i32, &[u8])> {
     match bytes {
-        [SNAPSHOT, rest @ ..] if rest.len() == 12 => Some((
+        [SNAPSHOT, rest @ ..] if rest.len() >= 12 => Some((
             u64::from_le_bytes(rest[..8].try_into().ok()?),
-            i32::from_le_bytes(rest[8..].try_into().ok()?),
+            i32::from_le_bytes(rest[8..12].try_into().ok()?),
+            &rest[12..],
         )),
         _ => None,
     }
@@ -190,7 +203,8 @@ mod tests {
         }
         assert_eq!(decode_request(&[SNAPSHOT, 1]), None);
         assert_eq!(decode_request(&[]), None);
-        assert_eq!(decode_answer(&encode_answer(9, libc::EMFILE)), Some((9, libc::EMFILE)));
-        assert_eq!(decode_answer(&encode_answer(9, 0)[..12]), None);
+        assert_eq!(decode_answer(&encode_answer(9, libc::EMFILE, &[])), Some((9, libc::EMFILE, &[][..])));
+        assert_eq!(decode_answer(&encode_answer(9, 0, b"abc")), Some((9, 0, &b"abc"[..])));
+        assert_eq!(decode_answer(&encode_answer(9, 0, &[])[..12]), None);
     }
 }

@@ -479,24 +479,27 @@ impl Dispatcher {
         }
     }
 
-    /// Sends the snapshot in a memfd: the answer's size is bound by nothing, and sending it
-    /// never waits for the Tcl thread (which may have given up).
+    /// Sends the snapshot inline, or in a memfd if it is large: its size is bound by nothing,
+    /// and sending it never waits for the Tcl thread (which may have given up).
     fn answer_snapshot(&mut self, id: u64) {
         self.catch_up();
         let bytes = self.snapshot().encode();
+        // If the Tcl thread has gone, or its socket is full of answers it gave up on, there is
+        // no one to tell.
+        if bytes.len() <= control::INLINE_SNAPSHOT {
+            let _ = fdpass::send_message(self.control.as_fd(), &control::encode_answer(id, 0, &bytes));
+            return;
+        }
         let section = CreateSection::enter();
         let file = nix::sys::memfd::memfd_create(c"socketserver-info", nix::sys::memfd::MemFdCreateFlag::MFD_CLOEXEC)
             .map_err(errno)
             .and_then(|fd| section.adopt_owner(std::fs::File::from(fd)));
         drop(section);
-        let written = file.and_then(|file| (&*file).write_all(&bytes).map(|()| file));
-        // If the Tcl thread has gone, or its socket is full of answers it gave up on, there is
-        // no one to tell.
-        let _ = match written {
-            Ok(file) => fdpass::send_with_fds(self.control.as_fd(), &control::encode_answer(id, 0), &[file.as_fd()]),
+        let _ = match file.and_then(|file| (&*file).write_all(&bytes).map(|()| file)) {
+            Ok(file) => fdpass::send_with_fds(self.control.as_fd(), &control::encode_answer(id, 0, &[]), &[file.as_fd()]),
             Err(err) => {
                 let errno = err.raw_os_error().unwrap_or(libc::EIO);
-                fdpass::send_message(self.control.as_fd(), &control::encode_answer(id, errno))
+                fdpass::send_message(self.control.as_fd(), &control::encode_answer(id, errno, &[]))
             }
         };
     }

@@ -110,7 +110,7 @@ impl Server {
     pub fn snapshot(&self) -> io::Result<Snapshot> {
         let id = self.last_request.get() + 1;
         self.last_request.set(id);
-        let mut buf = [0u8; 16];
+        let mut buf = vec![0u8; control::MAX_ANSWER];
         // Answers to earlier requests that timed out (their fds close as they drop).
         while let Ok(Received::Message(..)) = fdpass::recv_with_fds(self.control.as_fd(), &mut buf) {}
         fdpass::send_message(self.control.as_fd(), &control::encode_request(Request::Snapshot(id)))
@@ -120,12 +120,15 @@ impl Server {
             fdpass::wait_readable(self.control.as_fd(), deadline.saturating_duration_since(Instant::now()))?;
             match fdpass::recv_with_fds(self.control.as_fd(), &mut buf) {
                 Ok(Received::Message(len, mut fds)) => match control::decode_answer(&buf[..len]) {
-                    Some((answered, 0)) if answered == id && fds.len() == 1 => {
-                        return read_snapshot(fds.pop().expect("one fd"));
+                    Some((answered, 0, inline)) if answered == id => {
+                        let snapshot = match fds.pop() {
+                            Some(file) => read_snapshot(file)?,
+                            None => inline.to_vec(),
+                        };
+                        return Snapshot::decode(&snapshot)
+                            .ok_or_else(|| io::Error::new(io::ErrorKind::InvalidData, "malformed snapshot"));
                     }
-                    Some((answered, errno)) if answered == id && errno != 0 => {
-                        return Err(io::Error::from_raw_os_error(errno));
-                    }
+                    Some((answered, errno, _)) if answered == id => return Err(io::Error::from_raw_os_error(errno)),
                     _ => {} // a late answer to an earlier request
                 },
                 Ok(Received::Empty) => {}
@@ -141,13 +144,13 @@ fn stopped() -> io::Error {
 }
 
 /// Reads the snapshot the dispatcher wrote into a memfd.
-fn read_snapshot(fd: OwnedFd) -> io::Result<Snapshot> {
+fn read_snapshot(fd: OwnedFd) -> io::Result<Vec<u8>> {
     let mut file = std::fs::File::from(fd);
     let mut bytes = Vec::new();
     // The dispatcher's copy of the file shared its offset: read from the start.
     std::io::Seek::rewind(&mut file)?;
     file.read_to_end(&mut bytes)?;
-    Snapshot::decode(&bytes).ok_or_else(|| io::Error::new(io::ErrorKind::InvalidData, "malformed snapshot"))
+    Ok(bytes)
 }
 
 impl Drop for Server {
