@@ -153,7 +153,7 @@ pub fn decode_peer(bytes: &[u8]) -> Option<SocketAddr> {
 }
 
 #[cfg(test)]
-mod tests {
+pub(crate) mod tests {
     use super::*;
 
     /// A small seeded PRNG (xorshift64*): the same garbage on every run.

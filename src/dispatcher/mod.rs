@@ -23,6 +23,8 @@
 
 mod control;
 mod event_loop;
+#[cfg(test)]
+mod hostile;
 mod ready_queue;
 mod workers;
 
