@@ -196,6 +196,11 @@ fn is_socket_of(fd: BorrowedFd, family: &[AddressFamily], kind: SockType) -> boo
         .is_ok_and(|addr| addr.family().is_some_and(|f| family.contains(&f)))
 }
 
+/// The pid of the process that made the other end of a Unix socket (SO_PEERCRED).
+pub fn peer_pid(fd: BorrowedFd) -> Option<i32> {
+    getsockopt(&fd, sockopt::PeerCredentials).ok().map(|cred| cred.pid())
+}
+
 /// What a worker's link and mailbox must be: an AF_UNIX SOCK_SEQPACKET socket.
 pub fn is_unix_seqpacket(fd: BorrowedFd) -> bool {
     is_socket_of(fd, &[AddressFamily::Unix], SockType::SeqPacket)

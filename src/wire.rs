@@ -10,7 +10,7 @@
 //!
 //! | direction | socket | bytes | fds |
 //! |---|---|---|---|
-//! | worker → dispatcher | registration (shared) | `W` pid:i32 (5) | link, mailbox (dispatcher's ends), the worker's own mailbox end |
+//! | worker → dispatcher | registration (shared) | `W` pid:i32 (5): the pid of the process that made the link (checked with SO_PEERCRED) | link, mailbox (dispatcher's ends), the worker's own mailbox end |
 //! | dispatcher → worker | mailbox | `C` nonce:u64 (9): checks that the third fd is the mailbox's peer; the worker never sees it | none |
 //! | dispatcher → worker | link | `A` (1): registered | none |
 //! | dispatcher → worker | link | `N` reason:u8 limit:u32 (6): refused; reason 1 = worker limit (`limit` workers), 2 = serving process out of fds, 3 = invalid registration | none |

@@ -68,7 +68,9 @@ fn open_fds() -> usize {
 }
 
 /// CPU time (clock ticks) used so far by this process's dispatcher thread.
-fn dispatcher_cpu_ticks() -> u64 {
+fn dispatcher_cpu_ticks(server: &Server) -> u64 {
+    // Answered: the thread runs, so it has named itself.
+    server.snapshot().unwrap();
     for task in std::fs::read_dir("/proc/self/task").unwrap() {
         let path = task.unwrap().path();
         let comm = std::fs::read_to_string(path.join("comm")).unwrap_or_default();
@@ -113,7 +115,7 @@ impl Rogue {
         let (link, dispatcher_link) = fdpass::seqpacket_pair().unwrap();
         let (mailbox, dispatcher_mailbox) = fdpass::seqpacket_pair().unwrap();
         let fds = [dispatcher_link.as_fd(), dispatcher_mailbox.as_fd(), mailbox.as_fd()];
-        send_registration(server, &wire::encode_registration(-1), &fds);
+        send_registration(server, &wire::encode_registration(std::process::id() as i32), &fds);
         drop(dispatcher_link);
         assert_eq!(answer(&link), Some(wire::Answer::Accepted));
         Rogue { link, _mailbox: mailbox, dispatcher_mailbox }
@@ -177,11 +179,24 @@ fn a_registration_whose_mailbox_peer_is_another_socket_is_refused() {
     let (link, dispatcher_link) = fdpass::seqpacket_pair().unwrap();
     let (_mailbox, dispatcher_mailbox) = fdpass::seqpacket_pair().unwrap();
     let (impostor, _other) = fdpass::seqpacket_pair().unwrap();
-    send_registration(&server, &wire::encode_registration(1), &[dispatcher_link.as_fd(), dispatcher_mailbox.as_fd(), impostor.as_fd()]);
+    let me = std::process::id() as i32;
+    send_registration(&server, &wire::encode_registration(me), &[dispatcher_link.as_fd(), dispatcher_mailbox.as_fd(), impostor.as_fd()]);
     drop(dispatcher_link);
     assert_eq!(answer(&link), Some(wire::Answer::Refused(Refusal::Invalid)));
     let snap = server.snapshot().unwrap();
     assert_eq!((snap.workers.len(), snap.refused), (0, 1));
+}
+
+#[test]
+fn a_registration_that_gives_another_pid_is_refused() {
+    let server = start(None);
+    let (link, dispatcher_link) = fdpass::seqpacket_pair().unwrap();
+    let (mailbox, dispatcher_mailbox) = fdpass::seqpacket_pair().unwrap();
+    let me = std::process::id() as i32;
+    send_registration(&server, &wire::encode_registration(me + 1), &[dispatcher_link.as_fd(), dispatcher_mailbox.as_fd(), mailbox.as_fd()]);
+    drop(dispatcher_link);
+    assert_eq!(answer(&link), Some(wire::Answer::Refused(Refusal::Invalid)));
+    assert_eq!(server.snapshot().unwrap().workers.len(), 0);
 }
 
 #[test]
@@ -309,9 +324,9 @@ fn a_flood_of_malformed_messages_leaves_the_dispatcher_serving_idle_and_without_
     wait_for(&server, "the late worker gone", |s| s.workers.len() == 1);
     serves(&server, &mut honest);
     assert_eq!(open_fds(), before, "fds leaked");
-    let ticks = dispatcher_cpu_ticks();
+    let ticks = dispatcher_cpu_ticks(&server);
     std::thread::sleep(SECOND / 2);
-    let spent = dispatcher_cpu_ticks() - ticks;
+    let spent = dispatcher_cpu_ticks(&server) - ticks;
     assert!(spent <= 2, "the idle dispatcher used {spent} ticks in half a second");
 }
 
@@ -323,9 +338,9 @@ fn an_empty_datagram_on_the_registration_socket_does_not_make_the_dispatcher_spi
     let server = start(None);
     fdpass::send_message(server.registration.as_fd(), b"").unwrap();
     // Alone in the socket (a registration after it would have it read on the way).
-    let ticks = dispatcher_cpu_ticks();
+    let ticks = dispatcher_cpu_ticks(&server);
     std::thread::sleep(SECOND / 2);
-    let spent = dispatcher_cpu_ticks() - ticks;
+    let spent = dispatcher_cpu_ticks(&server) - ticks;
     assert!(spent <= 2, "the dispatcher used {spent} ticks in half a second after an empty datagram");
     assert_eq!(server.snapshot().unwrap().refused, 1);
     let mut honest = WorkerLink::register(server.registration.as_fd()).expect("served after the empty datagram");
