@@ -317,8 +317,8 @@ impl Dispatcher {
     fn dispatch(&mut self) {
         while !self.waiting.is_empty() {
             let Some(slot) = self.ready.pop() else { return };
-            let conn = self.waiting.pop_front().expect("checked non-empty");
             let Some(worker) = self.workers.get_mut(slot) else { continue };
+            let conn = self.waiting.pop_front().expect("checked non-empty");
             worker.ready = false;
             let mut payload = [0u8; MAX_MESSAGE];
             let len = wire::encode_peer(&conn.peer, &mut payload);
@@ -415,8 +415,12 @@ impl Dispatcher {
             self.refused += 1; // nowhere to answer
             return;
         }
+        // The pid it says must be the one the kernel knows made the link (SO_PEERCRED).
+        let pid_checks = fdpass::peer_pid(link.as_fd()) == Some(pid);
         let refusal = if short {
             Some(Refusal::OutOfFds)
+        } else if !pid_checks {
+            Some(Refusal::Invalid)
         } else if self.workers.len() >= self.max_workers {
             Some(Refusal::WorkerLimit(self.max_workers.min(u32::MAX as usize) as u32))
         } else if !workers::is_mailbox_pair(&mailbox, &peer, self.next_nonce()) {
