@@ -115,8 +115,12 @@ impl Server {
         let mut buf = vec![0u8; control::MAX_ANSWER];
         // Answers to earlier requests that timed out (their fds close as they drop).
         while let Ok(Received::Message(..)) = fdpass::recv_with_fds(self.control.as_fd(), &mut buf) {}
-        fdpass::send_message(self.control.as_fd(), &control::encode_request(Request::Snapshot(id)))
-            .map_err(|_| stopped())?;
+        fdpass::send_message(self.control.as_fd(), &control::encode_request(Request::Snapshot(id))).map_err(|err| {
+            match err.raw_os_error() {
+                Some(libc::EPIPE | libc::ECONNRESET) => stopped(),
+                _ => err,
+            }
+        })?;
         let deadline = Instant::now() + REQUEST_TIMEOUT;
         loop {
             fdpass::wait_readable(self.control.as_fd(), deadline.saturating_duration_since(Instant::now()))?;
