@@ -92,6 +92,14 @@ pub fn parse_port(word: &str) -> CmdResult<u16> {
     parse_decimal(word, "port number from 0 to 65535", "PORT")
 }
 
+/// A count that must be at least 1 (a limit of no workers at all would serve nothing).
+fn parse_positive(word: &str) -> CmdResult<usize> {
+    match parse_decimal::<usize>(word, "positive integer", "NUMBER")? {
+        0 => Err(CmdError::new(format!("expected positive integer but got \"{word}\""), &["TCL", "VALUE", "NUMBER"])),
+        n => Ok(n),
+    }
+}
+
 fn parse_count(word: &str) -> CmdResult<u32> {
     parse_decimal(word, "non-negative integer", "NUMBER")
 }
@@ -127,7 +135,7 @@ pub fn parse_server(args: &[&str]) -> CmdResult<ServerArgs> {
         // The index into OPTIONS.
         match lookup(pair[0], &OPTIONS, "option")? {
             0 => backlog = parse_count(pair[1])?,
-            1 => max_workers = Some(parse_decimal(pair[1], "non-negative integer", "NUMBER")?),
+            1 => max_workers = Some(parse_positive(pair[1])?),
             2 => host = Some(pair[1]),
             _ => queue = parse_count(pair[1])? as usize,
         }
@@ -203,7 +211,7 @@ mod tests {
         let parsed = parse_server(&["-myaddr", "::1", "-queue", "4", "-backlog", "9", "0"]).unwrap();
         let expected = ServerArgs { address: "[::1]:0".parse().unwrap(), backlog: 9, queue: 4, max_workers: None };
         assert_eq!(parsed, expected);
-        let parsed = parse_server(&["-maxworkers", "0", "-b", "3", "-q", "2", "-maxw", "1000", "80"]).unwrap();
+        let parsed = parse_server(&["-maxworkers", "7", "-b", "3", "-q", "2", "-maxw", "1000", "80"]).unwrap();
         let expected = ServerArgs { address: "0.0.0.0:80".parse().unwrap(), backlog: 3, queue: 2, max_workers: Some(1000) };
         assert_eq!(parsed, expected);
         let parsed = parse_server(&["-myaddr", "localhost", "0"]).unwrap();
@@ -217,7 +225,8 @@ mod tests {
         let all = "-backlog, -maxworkers, -myaddr, or -queue";
         assert_eq!(text(parse_server(&["-x", "1", "80"]).unwrap_err()), format!("bad option \"-x\": must be {all}"));
         assert_eq!(text(parse_server(&["-m", "1", "80"]).unwrap_err()), format!("ambiguous option \"-m\": must be {all}"));
-        assert_eq!(text(parse_server(&["-maxworkers", "-1", "80"]).unwrap_err()), "expected non-negative integer but got \"-1\"");
+        assert_eq!(text(parse_server(&["-maxworkers", "-1", "80"]).unwrap_err()), "expected positive integer but got \"-1\"");
+        assert_eq!(text(parse_server(&["-maxworkers", "0", "80"]).unwrap_err()), "expected positive integer but got \"0\"");
         assert_eq!(text(parse_server(&["-maxworkers", "1", "-my"]).unwrap_err()), "value for \"-my\" missing");
         assert_eq!(text(parse_server(&["-queue", "1", "-myaddr"]).unwrap_err()), "value for \"-myaddr\" missing");
         assert_eq!(text(parse_server(&["-queue", "-1", "80"]).unwrap_err()), "expected non-negative integer but got \"-1\"");

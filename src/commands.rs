@@ -7,11 +7,12 @@
 //! anything else happens, so that the child registers as a worker of its own.
 
 use crate::args::{self, CmdError, CmdResult};
-use crate::dispatcher::Server;
+use crate::dispatcher::{Server, FDS_PER_WORKER};
 use crate::ffi::{self, Obj};
 use crate::process;
-use crate::worker::WorkerLink;
 use crate::tcl_stubs::{ClientData, Tcl_Interp};
+use crate::wire::Refusal;
+use crate::worker::{RegisterError, WorkerLink};
 use nix::sys::signal::Signal;
 use std::cell::RefCell;
 use std::collections::HashMap;
@@ -144,7 +145,8 @@ fn server(state: &mut InterpState, rest: &[&str]) -> CmdResult<Obj> {
     if port != 0 && state.server(port).is_some_and(Server::is_owner) {
         return Ok(Obj::int(port.into()));
     }
-    let server = Server::start(parsed.address, parsed.backlog, parsed.queue)
+    // None: the default worker limit (-maxworkers, once args.rs parses it).
+    let server = Server::start(parsed.address, parsed.backlog, parsed.queue, parsed.max_workers)
         .map_err(|e| posix("couldn't open socket", e))?;
     let port = server.address.port();
     // A server inherited from the parent on the same port is replaced by this process's own.
@@ -168,7 +170,8 @@ fn client(cell: &StateCell, state: &mut InterpState, port: Option<u16>, handler:
     if !state.slots.contains_key(&port) {
         let link = match WorkerLink::register(server.registration.as_fd()) {
             Ok(link) => link,
-            Err(err) => {
+            Err(RegisterError::Refused(why)) => return Err(refused(port, why)),
+            Err(RegisterError::Io(err)) => {
                 // The dispatcher is gone (closed in the parent): forget the server here too.
                 state.servers.retain(|(p, _)| *p != port);
                 return Err(posix(&format!("socketserver on port {port} is closed"), err));
@@ -190,6 +193,22 @@ fn client(cell: &StateCell, state: &mut InterpState, port: Option<u16>, handler:
     }
     slot.handler = Some(handler);
     Ok(Obj::string(""))
+}
+
+/// The error of a worker the dispatcher refused.
+fn refused(port: u16, why: Refusal) -> CmdError {
+    let prefix = format!("socketserver on port {port} refused this worker");
+    match why {
+        Refusal::WorkerLimit(limit) => CmdError::new(
+            format!("{prefix}: it already has {limit} workers (-maxworkers)"),
+            &["SOCKETSERVER", "MAXWORKERS", &limit.to_string()],
+        ),
+        Refusal::OutOfFds => posix(
+            &format!("{prefix}: the serving process is out of file descriptors (each worker needs {FDS_PER_WORKER})"),
+            io::Error::from_raw_os_error(libc::EMFILE),
+        ),
+        Refusal::Invalid => CmdError::new(format!("{prefix}: invalid registration"), &["SOCKETSERVER", "REFUSED"]),
+    }
 }
 
 fn close(state: &mut InterpState, port: u16) -> CmdResult<Obj> {
@@ -227,6 +246,9 @@ pub fn info_command(cell: &StateCell, words: &[String]) -> CmdResult<Obj> {
             ("address", Obj::string(&server.address.ip().to_string())),
             ("backlog", Obj::int(server.backlog.into())),
             ("queue", Obj::int(server.queue_limit as i64)),
+            ("maxworkers", Obj::int(snap.max_workers.into())),
+            ("refused", Obj::int(snap.refused as i64)),
+            ("dropped", Obj::int(snap.dropped as i64)),
             ("accepted", Obj::int(snap.accepted as i64)),
             ("delivered", Obj::int(snap.delivered as i64)),
             ("queued", Obj::int(snap.queued.into())),

@@ -1,37 +1,19 @@
-//! The wire between dispatcher and workers: SOCK_SEQPACKET messages, some carrying fds.
-//!
-//! A worker has two private socketpairs with the dispatcher: its link, on which it says it is
-//! ready (and whose closing says it is gone), and its mailbox, on which connections arrive.
-//! Messages (one datagram each, so boundaries hold):
-//! - worker → dispatcher, on the shared registration socket: `W` + pid (i32 LE), with three fds
-//!   attached: the dispatcher's end of the link, the dispatcher's end of the mailbox, and the
-//!   worker's own end of the mailbox (see `dispatcher`: it is how an undelivered connection
-//!   survives its worker);
-//! - worker → dispatcher, on the link: `R` + when it asked (CLOCK_MONOTONIC ns, u64 LE): ready
-//!   for one connection;
-//! - dispatcher → worker, on the mailbox: the peer address, with the client fd attached.
-//!
-//! Also here: the listener and `accept4`, since both deal in socket addresses.
+//! Sockets and the fds they carry: SOCK_SEQPACKET pairs, sending and receiving a message with
+//! fds attached (the messages themselves are `wire`'s), checking what kind of socket an fd
+//! received from a peer really is, the listener and `accept4`.
 
+use nix::poll::{PollFd, PollFlags, PollTimeout};
 use nix::sys::socket::{
-    self, sendmsg, setsockopt, sockopt, AddressFamily, ControlMessage, MsgFlags, SockFlag,
-    SockType, SockaddrLike, SockaddrStorage,
+    self, getsockopt, sendmsg, setsockopt, sockopt, AddressFamily, ControlMessage, MsgFlags,
+    SockFlag, SockType, SockaddrLike, SockaddrStorage,
 };
 use std::io::{self, IoSlice};
 use std::mem::MaybeUninit;
-use std::net::{IpAddr, Ipv4Addr, Ipv6Addr, SocketAddr, SocketAddrV4, SocketAddrV6};
+use std::net::{SocketAddr, SocketAddrV4, SocketAddrV6};
 use std::os::fd::{AsRawFd, BorrowedFd, FromRawFd, OwnedFd, RawFd};
 
-const READY: u8 = b'R';
-const REGISTER: u8 = b'W';
 /// The most fds one message carries: a registration's.
 pub const MAX_FDS: usize = 3;
-
-/// What a peer address that cannot be read is reported as: 0.0.0.0 port 0.
-pub const UNKNOWN_PEER: SocketAddr = SocketAddr::V4(SocketAddrV4::new(Ipv4Addr::UNSPECIFIED, 0));
-
-/// Longest message: a registration (5 bytes) or an IPv6 peer (1 + 2 + 16).
-pub const MAX_MESSAGE: usize = 19;
 
 fn errno(e: nix::errno::Errno) -> io::Error {
     io::Error::from_raw_os_error(e as i32)
@@ -41,39 +23,6 @@ fn errno(e: nix::errno::Errno) -> io::Error {
 pub fn seqpacket_pair() -> io::Result<(OwnedFd, OwnedFd)> {
     socket::socketpair(AddressFamily::Unix, SockType::SeqPacket, None, SockFlag::SOCK_CLOEXEC)
         .map_err(errno)
-}
-
-/// Encodes a peer address: family (4 or 6), port (big-endian), address bytes.
-pub fn encode_peer(peer: &SocketAddr, buf: &mut [u8; MAX_MESSAGE]) -> usize {
-    let port = peer.port().to_be_bytes();
-    buf[1..3].copy_from_slice(&port);
-    match peer.ip() {
-        IpAddr::V4(ip) => {
-            buf[0] = 4;
-            buf[3..7].copy_from_slice(&ip.octets());
-            7
-        }
-        IpAddr::V6(ip) => {
-            buf[0] = 6;
-            buf[3..19].copy_from_slice(&ip.octets());
-            19
-        }
-    }
-}
-
-pub fn decode_peer(bytes: &[u8]) -> Option<SocketAddr> {
-    let port = u16::from_be_bytes([*bytes.get(1)?, *bytes.get(2)?]);
-    match (bytes[0], bytes.len()) {
-        (4, 7) => {
-            let octets: [u8; 4] = bytes[3..7].try_into().ok()?;
-            Some(SocketAddr::new(Ipv4Addr::from(octets).into(), port))
-        }
-        (6, 19) => {
-            let octets: [u8; 16] = bytes[3..19].try_into().ok()?;
-            Some(SocketAddr::new(Ipv6Addr::from(octets).into(), port))
-        }
-        _ => None,
-    }
 }
 
 /// Sends one message with `fds` attached. Never blocks and never raises SIGPIPE.
@@ -91,18 +40,35 @@ pub fn send_with_fds(sock: BorrowedFd, payload: &[u8], fds: &[BorrowedFd]) -> io
     Ok(())
 }
 
-/// True if this process could take `count` (at most [`MAX_FDS`]) more fds now: tried with dups
-/// of `any` (any number, 0 up), closed at once.
+/// A new close-on-exec fd for the same file as `any`: a spare that holds an fd number.
+pub fn spare_fd(any: BorrowedFd) -> io::Result<OwnedFd> {
+    let fd = nix::fcntl::fcntl(any.as_raw_fd(), nix::fcntl::FcntlArg::F_DUPFD_CLOEXEC(0)).map_err(errno)?;
+    // SAFETY: F_DUPFD_CLOEXEC has just made fd, and only we know its number.
+    Ok(unsafe { OwnedFd::from_raw_fd(fd) })
+}
+
+/// `fd` moved to a number at or above FD_SETSIZE (1024) if the fd limit allows, else `fd` as it
+/// is. For the dispatcher's long-lived fds (three per worker): the serving process's own Tcl
+/// notifier uses select(2), which cannot watch fds from 1024 on, so the numbers below are left to
+/// Tcl's channels however many workers register.
+pub fn above_select_range(fd: OwnedFd) -> OwnedFd {
+    match nix::fcntl::fcntl(fd.as_raw_fd(), nix::fcntl::FcntlArg::F_DUPFD_CLOEXEC(libc::FD_SETSIZE as RawFd)) {
+        // SAFETY: F_DUPFD_CLOEXEC has just made high, and only we know its number; the old fd
+        // closes as `fd` drops.
+        Ok(high) => unsafe { OwnedFd::from_raw_fd(high) },
+        Err(_) => fd,
+    }
+}
+
+/// True if this process could take `count` (at most [`MAX_FDS`]) more fds now: tried with
+/// spares of `any` (any fd), closed at once.
 pub fn has_free_fds(any: BorrowedFd, count: usize) -> bool {
     let mut probes: [Option<OwnedFd>; MAX_FDS] = Default::default();
     for probe in probes.iter_mut().take(count) {
-        // SAFETY: F_DUPFD_CLOEXEC makes a new fd that only we know; it closes as `probes` drops.
-        let fd = unsafe { libc::fcntl(any.as_raw_fd(), libc::F_DUPFD_CLOEXEC, 0) };
-        if fd < 0 {
-            return false;
+        match spare_fd(any) {
+            Ok(fd) => *probe = Some(fd),
+            Err(_) => return false,
         }
-        // SAFETY: fd is the new fd just made.
-        *probe = Some(unsafe { OwnedFd::from_raw_fd(fd) });
     }
     true
 }
@@ -114,48 +80,6 @@ pub fn send_message(sock: BorrowedFd, payload: &[u8]) -> io::Result<()> {
     Ok(())
 }
 
-/// Receives a message without room for fds (any attached are discarded by the kernel).
-/// `None`: the peer has closed its end.
-fn recv_message(sock: BorrowedFd, buf: &mut [u8; MAX_MESSAGE]) -> io::Result<Option<usize>> {
-    match socket::recv(sock.as_raw_fd(), buf, MsgFlags::MSG_DONTWAIT) {
-        Ok(0) | Err(nix::errno::Errno::ECONNRESET) => Ok(None),
-        Ok(len) => Ok(Some(len)),
-        Err(e) => Err(errno(e)),
-    }
-}
-
-fn malformed() -> io::Error {
-    io::Error::new(io::ErrorKind::InvalidData, "malformed message")
-}
-
-/// Receives a one-byte message. `None`: the peer has closed its end.
-pub fn recv_byte(sock: BorrowedFd) -> io::Result<Option<u8>> {
-    let mut buf = [0u8; MAX_MESSAGE];
-    match recv_message(sock, &mut buf)? {
-        Some(1) => Ok(Some(buf[0])),
-        Some(_) => Err(malformed()),
-        None => Ok(None),
-    }
-}
-
-/// A worker's READY, stamped with when it asked, so that READYs read together still queue in
-/// the order they were sent.
-pub fn encode_ready(at_ns: u64) -> [u8; 9] {
-    let mut buf = [READY; 9];
-    buf[1..].copy_from_slice(&at_ns.to_le_bytes());
-    buf
-}
-
-/// Receives a READY and when it was sent. `None`: the peer has closed its end.
-pub fn recv_ready(sock: BorrowedFd) -> io::Result<Option<u64>> {
-    let mut buf = [0u8; MAX_MESSAGE];
-    match recv_message(sock, &mut buf)? {
-        Some(9) if buf[0] == READY => Ok(Some(u64::from_le_bytes(buf[1..9].try_into().expect("8 bytes")))),
-        Some(_) => Err(malformed()),
-        None => Ok(None),
-    }
-}
-
 /// CLOCK_MONOTONIC in nanoseconds: one clock for every process on the machine, so workers'
 /// stamps compare.
 pub fn monotonic_ns() -> u64 {
@@ -163,6 +87,10 @@ pub fn monotonic_ns() -> u64 {
     // SAFETY: clock_gettime writes one timespec to the live local we pass.
     unsafe { libc::clock_gettime(libc::CLOCK_MONOTONIC, &mut now) };
     now.tv_sec as u64 * 1_000_000_000 + now.tv_nsec as u64
+}
+
+fn malformed() -> io::Error {
+    io::Error::new(io::ErrorKind::InvalidData, "malformed message")
 }
 
 /// What one non-blocking receive found.
@@ -227,22 +155,73 @@ pub fn recv_with_fds(sock: BorrowedFd, buf: &mut [u8]) -> io::Result<Received> {
         // fit, and those that did are closed as `fds` drops.
         return Err(io::Error::from_raw_os_error(libc::EMFILE));
     }
-    if len == 0 && fds.is_empty() {
+    // A SOCK_SEQPACKET receive returns 0 both at the end and for an empty datagram (which a
+    // peer may send on purpose): only the socket's state tells them apart.
+    if len == 0 && fds.is_empty() && peer_has_closed(sock) {
         return Ok(Received::Closed);
     }
     Ok(Received::Message(len as usize, fds))
 }
 
-pub fn encode_registration(pid: i32) -> [u8; 5] {
-    let p = pid.to_le_bytes();
-    [REGISTER, p[0], p[1], p[2], p[3]]
+/// True once the peer has closed (or shut down) its end: nothing more will arrive.
+fn peer_has_closed(sock: BorrowedFd) -> bool {
+    // Raw poll(2): nix 0.29's PollFlags has no POLLRDHUP (the peer has shut down its sending
+    // side), and its `revents()` gives None when the kernel reports it.
+    let mut pfd = libc::pollfd { fd: sock.as_raw_fd(), events: libc::POLLIN | libc::POLLRDHUP, revents: 0 };
+    // SAFETY: one live pollfd, and nfds says one.
+    match crate::sys::check(unsafe { libc::poll(&mut pfd, 1, 0) }) {
+        Ok(_) => pfd.revents & (libc::POLLHUP | libc::POLLRDHUP) != 0,
+        // Cannot tell: say closed, so that the caller stops reading rather than spin.
+        Err(_) => true,
+    }
 }
 
-pub fn decode_registration(bytes: &[u8]) -> Option<i32> {
-    match bytes {
-        [REGISTER, a, b, c, d] => Some(i32::from_le_bytes([*a, *b, *c, *d])),
-        _ => None,
+/// Waits until `fd` is readable (or at its end), or fails with ETIMEDOUT.
+pub fn wait_readable(fd: BorrowedFd, timeout: std::time::Duration) -> io::Result<()> {
+    let deadline = std::time::Instant::now() + timeout;
+    loop {
+        let left = deadline.saturating_duration_since(std::time::Instant::now());
+        let ms = PollTimeout::try_from(left.as_millis().min(i32::MAX as u128) as i32).unwrap_or(PollTimeout::MAX);
+        let mut pfd = [PollFd::new(fd, PollFlags::POLLIN)];
+        match nix::poll::poll(&mut pfd, ms) {
+            Ok(0) => return Err(io::Error::from_raw_os_error(libc::ETIMEDOUT)),
+            Ok(_) => return Ok(()),
+            Err(nix::errno::Errno::EINTR) => {}
+            Err(e) => return Err(errno(e)),
+        }
     }
+}
+
+/// True if a message (of any length, even 0) waits in `sock`'s receive queue.
+pub fn has_queued(sock: BorrowedFd) -> bool {
+    let mut pfd = [PollFd::new(sock, PollFlags::POLLIN)];
+    nix::poll::poll(&mut pfd, PollTimeout::ZERO).is_ok_and(|n| n > 0)
+        && pfd[0].revents().is_some_and(|r| r.contains(PollFlags::POLLIN))
+}
+
+/// True if `fd` is a socket (S_ISSOCK: anything else fails SO_TYPE with ENOTSOCK) of this
+/// family and type.
+fn is_socket_of(fd: BorrowedFd, family: &[AddressFamily], kind: SockType) -> bool {
+    if getsockopt(&fd, sockopt::SockType) != Ok(kind) {
+        return false;
+    }
+    socket::getsockname::<SockaddrStorage>(fd.as_raw_fd())
+        .is_ok_and(|addr| addr.family().is_some_and(|f| family.contains(&f)))
+}
+
+/// The pid of the process that made the other end of a Unix socket (SO_PEERCRED).
+pub fn peer_pid(fd: BorrowedFd) -> Option<i32> {
+    getsockopt(&fd, sockopt::PeerCredentials).ok().map(|cred| cred.pid())
+}
+
+/// What a worker's link and mailbox must be: an AF_UNIX SOCK_SEQPACKET socket.
+pub fn is_unix_seqpacket(fd: BorrowedFd) -> bool {
+    is_socket_of(fd, &[AddressFamily::Unix], SockType::SeqPacket)
+}
+
+/// What a connection must be: a TCP (AF_INET or AF_INET6 SOCK_STREAM) socket.
+pub fn is_tcp_stream(fd: BorrowedFd) -> bool {
+    is_socket_of(fd, &[AddressFamily::Inet, AddressFamily::Inet6], SockType::Stream)
 }
 
 /// Creates a non-blocking, close-on-exec listening socket on `addr` (port 0: the kernel picks).
@@ -300,42 +279,24 @@ pub fn accept(listener: BorrowedFd) -> io::Result<(OwnedFd, SocketAddr)> {
     let fd = unsafe { OwnedFd::from_raw_fd(fd) };
     // SAFETY: storage was zero-initialised and the kernel filled at most len bytes of it.
     let addr = unsafe { SockaddrStorage::from_raw(storage.as_ptr().cast(), Some(len)) };
-    let peer = addr.as_ref().and_then(storage_to_std).unwrap_or(UNKNOWN_PEER);
+    let peer = addr.as_ref().and_then(storage_to_std).unwrap_or(crate::wire::UNKNOWN_PEER);
     Ok((fd, peer))
 }
 
 #[cfg(test)]
 mod tests {
     use super::*;
-    use std::io::{Read, Write};
+    use crate::wire::MAX_MESSAGE;
     use std::os::fd::AsFd;
+    use std::io::{Read, Write};
     use std::net::{TcpListener, TcpStream};
-
-    #[test]
-    fn peers_round_trip() {
-        let mut buf = [0; MAX_MESSAGE];
-        for peer in ["127.0.0.1:8080", "[::1]:65535", "10.1.2.3:0", "[fe80::1]:1"] {
-            let peer: SocketAddr = peer.parse().unwrap();
-            let len = encode_peer(&peer, &mut buf);
-            assert_eq!(decode_peer(&buf[..len]), Some(peer));
-        }
-        assert_eq!(decode_peer(&[4, 0]), None);
-        assert_eq!(decode_peer(&[6, 0, 1, 2, 3, 4, 5]), None);
-        assert_eq!(decode_peer(&[]), None);
-    }
-
-    #[test]
-    fn registrations_round_trip() {
-        assert_eq!(decode_registration(&encode_registration(4242)), Some(4242));
-        assert_eq!(decode_registration(b"R"), None);
-    }
 
     #[test]
     fn an_fd_travels_with_its_message_and_arrives_cloexec() {
         let (a, b) = seqpacket_pair().unwrap();
         let (tx, rx) = seqpacket_pair().unwrap();
         send_with_fds(a.as_fd(), b"hello", &[tx.as_fd()]).unwrap();
-        send_message(a.as_fd(), &encode_ready(42)).unwrap();
+        send_message(a.as_fd(), b"next").unwrap();
         let mut buf = [0; MAX_MESSAGE];
         let Received::Message(len, mut fds) = recv_with_fds(b.as_fd(), &mut buf).unwrap() else {
             panic!("expected a message")
@@ -352,13 +313,56 @@ mod tests {
         };
         assert!(fds.is_empty());
         assert_eq!(buf[0], b'x');
-        // Boundaries hold: the next message is the READY, then nothing, then EOF.
-        assert_eq!(recv_ready(b.as_fd()).unwrap(), Some(42));
+        // Boundaries hold: the next message is the second, then nothing, then EOF.
+        assert!(matches!(recv_with_fds(b.as_fd(), &mut buf).unwrap(), Received::Message(4, _)));
+        assert_eq!(&buf[..4], b"next");
         assert!(matches!(recv_with_fds(b.as_fd(), &mut buf).unwrap(), Received::Empty));
-        assert_eq!(recv_byte(b.as_fd()).unwrap_err().kind(), io::ErrorKind::WouldBlock);
         drop(a);
         assert!(matches!(recv_with_fds(b.as_fd(), &mut buf).unwrap(), Received::Closed));
-        assert_eq!(recv_byte(b.as_fd()).unwrap(), None);
+    }
+
+    #[test]
+    fn an_empty_datagram_is_a_message_not_the_end() {
+        let (a, b) = seqpacket_pair().unwrap();
+        send_message(a.as_fd(), b"").unwrap();
+        send_message(a.as_fd(), b"").unwrap();
+        assert!(has_queued(b.as_fd()));
+        let mut buf = [0; MAX_MESSAGE];
+        for _ in 0..2 {
+            assert!(matches!(recv_with_fds(b.as_fd(), &mut buf).unwrap(), Received::Message(0, _)));
+        }
+        assert!(!has_queued(b.as_fd()), "both read: nothing left to wake anyone");
+        assert!(matches!(recv_with_fds(b.as_fd(), &mut buf).unwrap(), Received::Empty));
+        drop(a);
+        assert!(matches!(recv_with_fds(b.as_fd(), &mut buf).unwrap(), Received::Closed));
+    }
+
+    #[test]
+    fn oversized_messages_are_malformed_and_consumed() {
+        let (a, b) = seqpacket_pair().unwrap();
+        let (x, _y) = seqpacket_pair().unwrap();
+        send_with_fds(a.as_fd(), &[7; 100], &[x.as_fd()]).unwrap();
+        let mut buf = [0; MAX_MESSAGE];
+        let err = recv_with_fds(b.as_fd(), &mut buf).unwrap_err();
+        assert_eq!(err.kind(), io::ErrorKind::InvalidData);
+        assert!(matches!(recv_with_fds(b.as_fd(), &mut buf).unwrap(), Received::Empty));
+    }
+
+    #[test]
+    fn socket_kinds_are_told_apart() {
+        let (a, _b) = seqpacket_pair().unwrap();
+        let listener = listen("127.0.0.1:0".parse().unwrap(), 4).unwrap();
+        let client = TcpStream::connect(local_addr(listener.as_fd()).unwrap()).unwrap();
+        let file = std::fs::File::open("/dev/null").unwrap();
+        let (stream, _) = socket::socketpair(AddressFamily::Unix, SockType::Stream, None, SockFlag::SOCK_CLOEXEC).unwrap();
+        assert!(is_unix_seqpacket(a.as_fd()));
+        assert!(is_tcp_stream(client.as_fd()));
+        for not_seqpacket in [client.as_fd(), file.as_fd(), stream.as_fd()] {
+            assert!(!is_unix_seqpacket(not_seqpacket));
+        }
+        for not_tcp in [a.as_fd(), file.as_fd(), stream.as_fd()] {
+            assert!(!is_tcp_stream(not_tcp));
+        }
     }
 
     #[test]
@@ -374,7 +378,8 @@ mod tests {
         assert_eq!(fds.len(), MAX_FDS);
         for (i, (fd, (_, peer))) in fds.iter().zip(&pairs).enumerate() {
             send_message(fd.as_fd(), &[i as u8]).unwrap();
-            assert_eq!(recv_byte(peer.as_fd()).unwrap(), Some(i as u8));
+            assert!(matches!(recv_with_fds(peer.as_fd(), &mut buf).unwrap(), Received::Message(1, _)));
+            assert_eq!(buf[0], i as u8);
         }
     }
 

@@ -13,7 +13,8 @@
 //! thread held.
 
 use std::io;
-use std::os::fd::{AsFd, AsRawFd, BorrowedFd, IntoRawFd, OwnedFd, RawFd};
+use std::mem::ManuallyDrop;
+use std::os::fd::{AsFd, AsRawFd, BorrowedFd, OwnedFd, RawFd};
 use std::sync::atomic::{AtomicU64, AtomicUsize, Ordering::SeqCst};
 use std::sync::Once;
 
@@ -116,7 +117,13 @@ impl CreateSection {
 
     /// Takes ownership of `fd` as one that forked children close.
     pub fn adopt(&self, fd: OwnedFd) -> io::Result<ParentOnlyFd> {
-        let raw = fd.as_raw_fd();
+        self.adopt_owner(fd)
+    }
+
+    /// Takes ownership of `owner`, which owns one fd (an `OwnedFd`, or nix's `Epoll`, say), as
+    /// one that forked children close.
+    pub fn adopt_owner<T: AsRawFd>(&self, owner: T) -> io::Result<ParentOnly<T>> {
+        let raw = owner.as_raw_fd();
         let Ok(index) = usize::try_from(raw) else {
             return Err(io::Error::from_raw_os_error(libc::EBADF));
         };
@@ -125,7 +132,7 @@ impl CreateSection {
         }
         MARKED[index / 64].fetch_or(1 << (index % 64), SeqCst);
         USED_WORDS.fetch_max(index / 64 + 1, SeqCst);
-        Ok(ParentOnlyFd { fd: fd.into_raw_fd(), generation: generation() })
+        Ok(ParentOnly { owner: ManuallyDrop::new(owner), generation: generation() })
     }
 }
 
@@ -137,40 +144,50 @@ impl Drop for CreateSection {
     }
 }
 
-/// An owned fd that is closed in every child forked while it is open. A copy of it that lives on
-/// in such a child closes nothing when dropped: the fork handler has closed the fd already.
+/// An owner of one fd (see [`CreateSection::adopt_owner`]) whose fd is closed in every child
+/// forked while it is open. A copy of it that lives on in such a child closes nothing when
+/// dropped: the fork handler has closed the fd already.
 #[derive(Debug)]
-pub struct ParentOnlyFd {
-    fd: RawFd,
+pub struct ParentOnly<T: AsRawFd> {
+    owner: ManuallyDrop<T>,
     generation: u64,
 }
 
-impl AsFd for ParentOnlyFd {
+/// The usual case: a plain fd.
+pub type ParentOnlyFd = ParentOnly<OwnedFd>;
+
+impl<T: AsRawFd> std::ops::Deref for ParentOnly<T> {
+    type Target = T;
+    fn deref(&self) -> &T {
+        &self.owner
+    }
+}
+
+impl<T: AsRawFd + AsFd> AsFd for ParentOnly<T> {
     fn as_fd(&self) -> BorrowedFd<'_> {
-        // SAFETY: self.fd is open for as long as self lives in its own process (closed only in
-        // drop); in a forked child the state holding it is never used, only dropped.
-        unsafe { BorrowedFd::borrow_raw(self.fd) }
+        self.owner.as_fd()
     }
 }
 
-impl AsRawFd for ParentOnlyFd {
+impl<T: AsRawFd> AsRawFd for ParentOnly<T> {
     fn as_raw_fd(&self) -> RawFd {
-        self.fd
+        self.owner.as_raw_fd()
     }
 }
 
-impl Drop for ParentOnlyFd {
+impl<T: AsRawFd> Drop for ParentOnly<T> {
     fn drop(&mut self) {
         if self.generation != generation() {
+            // In a forked child: the fd is closed already, and its number may be reused.
             return;
         }
         // Unmark and close as one step for fork: a child must neither inherit the fd unmarked
         // nor close a number that has been reused by then.
         let _section = CreateSection::enter();
-        let index = self.fd as usize;
+        let index = self.owner.as_raw_fd() as usize;
         MARKED[index / 64].fetch_and(!(1 << (index % 64)), SeqCst);
-        // SAFETY: we own self.fd (from adopt) in this process and nobody else closes it.
-        unsafe { libc::close(self.fd) };
+        // SAFETY: dropped exactly once, here, and never used again (self is being dropped).
+        unsafe { ManuallyDrop::drop(&mut self.owner) };
     }
 }
 

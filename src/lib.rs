@@ -14,6 +14,7 @@ mod notifier;
 mod process;
 mod sys;
 mod tcl_stubs;
+mod wire;
 mod worker;
 
 use crate::tcl_stubs::{ClientData, Tcl_Interp, Tcl_Obj};

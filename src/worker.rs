@@ -2,13 +2,14 @@
 //! ready, and a private mailbox, on which it receives one connection at a time. No Tcl here;
 //! `commands` wires it to the event loop.
 
-use crate::fdpass::{self, Received, MAX_MESSAGE};
+use crate::fdpass::{self, Received};
+use crate::wire::{self, Answer, Refusal, MAX_MESSAGE};
 use std::io;
 use std::net::SocketAddr;
 use std::os::fd::{AsFd, AsRawFd, BorrowedFd, OwnedFd, RawFd};
-use std::time::Duration;
+use std::time::{Duration, Instant};
 
-/// How long registering may wait for room in the registration socket.
+/// How long registering may wait for room in the registration socket and for the answer.
 const REGISTER_TIMEOUT: Duration = Duration::from_secs(5);
 
 /// A connection handed over by the dispatcher.
@@ -16,6 +17,22 @@ const REGISTER_TIMEOUT: Duration = Duration::from_secs(5);
 pub struct Delivery {
     pub fd: OwnedFd,
     pub peer: SocketAddr,
+}
+
+/// Why registering failed.
+#[derive(Debug)]
+pub enum RegisterError {
+    /// The dispatcher answered, and said no.
+    Refused(Refusal),
+    /// No answer: the server has closed (EPIPE, ECONNRESET), or did not answer in time
+    /// (ETIMEDOUT), or this process could not make its sockets (EMFILE, ...).
+    Io(io::Error),
+}
+
+impl From<io::Error> for RegisterError {
+    fn from(err: io::Error) -> RegisterError {
+        RegisterError::Io(err)
+    }
 }
 
 /// This process's registration with one dispatcher.
@@ -28,24 +45,41 @@ pub struct WorkerLink {
 }
 
 impl WorkerLink {
-    /// Creates the link and the mailbox and hands the dispatcher its ends (and a reference to
-    /// our end of the mailbox), with our pid.
-    pub fn register(registration: BorrowedFd) -> io::Result<WorkerLink> {
+    /// Creates the link and the mailbox, hands the dispatcher its ends (and a reference to our
+    /// end of the mailbox) with our pid, and waits for its answer.
+    pub fn register(registration: BorrowedFd) -> Result<WorkerLink, RegisterError> {
         let (link, dispatcher_link) = fdpass::seqpacket_pair()?;
         let (mailbox, dispatcher_mailbox) = fdpass::seqpacket_pair()?;
-        let message = fdpass::encode_registration(std::process::id() as i32);
+        let message = wire::encode_registration(std::process::id() as i32);
         let fds = [dispatcher_link.as_fd(), dispatcher_mailbox.as_fd(), mailbox.as_fd()];
-        let deadline = std::time::Instant::now() + REGISTER_TIMEOUT;
+        let deadline = Instant::now() + REGISTER_TIMEOUT;
+        let timed_out = || io::Error::from_raw_os_error(libc::ETIMEDOUT);
         loop {
             match fdpass::send_with_fds(registration, &message, &fds) {
                 Err(e) if e.kind() == io::ErrorKind::WouldBlock => {
-                    let left = deadline.saturating_duration_since(std::time::Instant::now());
+                    let left = deadline.saturating_duration_since(Instant::now());
                     if left.is_zero() {
-                        return Err(io::Error::from_raw_os_error(libc::ETIMEDOUT));
+                        return Err(timed_out().into());
                     }
                     std::thread::sleep(left.min(Duration::from_millis(1)));
                 }
                 sent => break sent?,
+            }
+        }
+        // Our copies of the dispatcher's ends must go, or its closing them would not show here.
+        drop((dispatcher_link, dispatcher_mailbox));
+        let mut buf = [0u8; MAX_MESSAGE];
+        loop {
+            fdpass::wait_readable(link.as_fd(), deadline.saturating_duration_since(Instant::now()))?;
+            match fdpass::recv_with_fds(link.as_fd(), &mut buf) {
+                Ok(Received::Message(len, _)) => match wire::decode_answer(&buf[..len]) {
+                    Some(Answer::Accepted) => break,
+                    Some(Answer::Refused(why)) => return Err(RegisterError::Refused(why)),
+                    None => return Err(io::Error::new(io::ErrorKind::InvalidData, "malformed answer").into()),
+                },
+                Ok(Received::Empty) => {}
+                Ok(Received::Closed) => return Err(io::Error::from_raw_os_error(libc::ECONNRESET).into()),
+                Err(err) => return Err(err.into()),
             }
         }
         Ok(WorkerLink { link, mailbox, armed: false, generation: crate::fork_safety::generation() })
@@ -63,7 +97,7 @@ impl WorkerLink {
     /// Asks for one connection; asking again before it arrives changes nothing.
     pub fn arm(&mut self) -> io::Result<()> {
         if !self.armed {
-            fdpass::send_message(self.link.as_fd(), &fdpass::encode_ready(fdpass::monotonic_ns()))?;
+            fdpass::send_message(self.link.as_fd(), &wire::encode_ready(fdpass::monotonic_ns()))?;
             self.armed = true;
         }
         Ok(())
@@ -78,7 +112,7 @@ impl WorkerLink {
             match fdpass::recv_with_fds(self.mailbox.as_fd(), &mut buf) {
                 Ok(Received::Message(len, mut fds)) if fds.len() == 1 => {
                     self.armed = false;
-                    let peer = fdpass::decode_peer(&buf[..len]).unwrap_or(fdpass::UNKNOWN_PEER);
+                    let peer = wire::decode_peer(&buf[..len]).unwrap_or(wire::UNKNOWN_PEER);
                     return Ok(Some(Delivery { fd: fds.pop().expect("one fd"), peer }));
                 }
                 Ok(Received::Message(..)) => continue, // not a delivery: its fds (if any) are closed
@@ -87,6 +121,7 @@ impl WorkerLink {
                     return Ok(None);
                 }
                 Ok(Received::Empty) => return Err(io::ErrorKind::WouldBlock.into()),
+                Err(err) if err.kind() == io::ErrorKind::InvalidData => continue,
                 Err(err) => {
                     if err.raw_os_error() == Some(libc::EMFILE) {
                         self.armed = false;

@@ -1,0 +1,554 @@
+//! The dispatcher thread: one loop over an epoll set, O(1) work per event whatever the number of
+//! workers.
+//!
+//! Two epoll sets. The main one holds the control socket, the registration socket, the listener
+//! (only while a connection could be handed over or queued), every worker's link with no events
+//! (so a worker that dies, EPOLLHUP/EPOLLERR, is reported at once), and the inner set. The inner
+//! set holds every link for EPOLLIN, and is itself in the main set only while no worker is ready:
+//! a READY matters only then, so while some worker is ready the READYs of others wait in their
+//! sockets and the thread sleeps through them (at c=1 with N idle workers: one wake-up per
+//! connection). Toggling costs one epoll_ctl per transition, not per worker.
+//!
+//! Every loop is bounded per wake-up (connections accepted, registrations, messages per link),
+//! and every message is read whatever its length, so no peer can make the thread spin or starve
+//! the others.
+
+use super::control::{self, Request, Snapshot};
+use super::ready_queue::ReadyQueue;
+use super::workers::{self, Connection, Registry, Worker};
+use crate::fdpass::{self, Received};
+use crate::fork_safety::{CreateSection, ParentOnly, ParentOnlyFd};
+use crate::wire::{self, Answer, Refusal, MAX_MESSAGE};
+use nix::sys::epoll::{Epoll, EpollCreateFlags, EpollEvent, EpollFlags, EpollTimeout};
+use std::collections::VecDeque;
+use std::hash::{BuildHasher, RandomState};
+use std::io::{self, Write};
+use std::os::fd::{AsFd, AsRawFd, BorrowedFd, RawFd};
+use std::time::{Duration, Instant};
+
+/// How long accepting pauses after running out of fds or memory.
+const ACCEPT_BACKOFF: Duration = Duration::from_millis(100);
+/// Connections accepted in a row before the other sockets get a look.
+const ACCEPT_BATCH: usize = 64;
+/// Registrations taken in a row before the other sockets get a look.
+const REGISTRATION_BATCH: usize = 32;
+/// Messages read from one link per wake-up.
+const LINK_BATCH: usize = 16;
+/// Events taken per epoll_wait (more stay pending: level-triggered).
+const EVENTS: usize = 64;
+/// Fds kept in reserve, so that a registration can be received (it brings 3) and refused even
+/// when the process is out of fds.
+const RESERVE: usize = fdpass::MAX_FDS;
+
+const CONTROL: u64 = 0;
+const REGISTRAR: u64 = 1;
+const LISTENER: u64 = 2;
+const INNER: u64 = 3;
+const FIRST_LINK: u64 = 4;
+
+/// The epoll data of a worker's link: its slot, and its serial (never 0) above bit 32, so that an
+/// event of a worker that has gone never reaches the one now in its slot.
+fn link_token(slot: usize, serial: u32) -> u64 {
+    (u64::from(serial) << 32) | (slot as u64 + FIRST_LINK)
+}
+
+fn link_of(token: u64) -> Option<(usize, u32)> {
+    let serial = (token >> 32) as u32;
+    let slot = (token & 0xffff_ffff).checked_sub(FIRST_LINK)?;
+    (serial != 0).then_some((slot as usize, serial))
+}
+
+/// nix's epoll set, as an owner of one fd (so that it can be a [`ParentOnly`]).
+struct EpollSet(Epoll);
+
+impl EpollSet {
+    fn new(section: &CreateSection) -> io::Result<ParentOnly<EpollSet>> {
+        let set = Epoll::new(EpollCreateFlags::EPOLL_CLOEXEC).map_err(errno)?;
+        section.adopt_owner(EpollSet(set))
+    }
+}
+
+impl std::ops::Deref for EpollSet {
+    type Target = Epoll;
+    fn deref(&self) -> &Epoll {
+        &self.0
+    }
+}
+
+impl AsFd for EpollSet {
+    fn as_fd(&self) -> BorrowedFd<'_> {
+        self.0 .0.as_fd()
+    }
+}
+
+impl AsRawFd for EpollSet {
+    fn as_raw_fd(&self) -> RawFd {
+        self.0 .0.as_raw_fd()
+    }
+}
+
+pub struct Dispatcher {
+    listener: ParentOnlyFd,
+    registrar: ParentOnlyFd,
+    control: ParentOnlyFd,
+    epoll: ParentOnly<EpollSet>,
+    links: ParentOnly<EpollSet>,
+    /// Which of the toggled members of the main set are in it now.
+    watching_listener: bool,
+    watching_links: bool,
+    reserve: Vec<ParentOnlyFd>,
+    queue_limit: usize,
+    max_workers: usize,
+    workers: Registry,
+    ready: ReadyQueue,
+    /// Accepted connections waiting for a ready worker.
+    waiting: VecDeque<Connection>,
+    accepted: u64,
+    delivered: u64,
+    refused: u64,
+    dropped: u64,
+    accept_paused_until: Option<Instant>,
+    nonces: RandomState,
+    nonce_count: u64,
+}
+
+fn errno(e: nix::errno::Errno) -> io::Error {
+    io::Error::from_raw_os_error(e as i32)
+}
+
+impl Dispatcher {
+    /// Sets up the epoll sets (in the caller's thread, so that failures are reported to it).
+    pub fn new(
+        listener: ParentOnlyFd,
+        registrar: ParentOnlyFd,
+        control: ParentOnlyFd,
+        queue_limit: usize,
+        max_workers: usize,
+    ) -> io::Result<Dispatcher> {
+        let section = CreateSection::enter();
+        let epoll = EpollSet::new(&section)?;
+        let links = EpollSet::new(&section)?;
+        let reserve = (0..RESERVE)
+            .map(|_| section.adopt(fdpass::spare_fd(control.as_fd())?))
+            .collect::<io::Result<Vec<_>>>()?;
+        drop(section);
+        let watch = |fd: BorrowedFd, token| epoll.add(fd, EpollEvent::new(EpollFlags::EPOLLIN, token)).map_err(errno);
+        watch(control.as_fd(), CONTROL)?;
+        watch(registrar.as_fd(), REGISTRAR)?;
+        watch(listener.as_fd(), LISTENER)?;
+        watch(links.as_fd(), INNER)?;
+        Ok(Dispatcher {
+            listener,
+            registrar,
+            control,
+            epoll,
+            links,
+            watching_listener: true,
+            watching_links: true,
+            reserve,
+            queue_limit,
+            max_workers,
+            workers: Registry::default(),
+            ready: ReadyQueue::default(),
+            waiting: VecDeque::new(),
+            accepted: 0,
+            delivered: 0,
+            refused: 0,
+            dropped: 0,
+            accept_paused_until: None,
+            nonces: RandomState::new(),
+            nonce_count: 0,
+        })
+    }
+
+    /// Runs until told to stop or until the Tcl side's control socket closes. Dropping self
+    /// then closes the listener, the worker sockets and every connection not handed over.
+    pub fn run(mut self) {
+        let mut events = [EpollEvent::empty(); EVENTS];
+        loop {
+            self.update_watches();
+            let timeout = self.timeout();
+            let n = match self.epoll.wait(&mut events, timeout) {
+                Ok(n) => n,
+                Err(nix::errno::Errno::EINTR) => continue,
+                Err(_) => {
+                    // Fails only on bad arguments or lack of memory: wait and try again.
+                    std::thread::sleep(ACCEPT_BACKOFF);
+                    continue;
+                }
+            };
+            let mut listener_ready = false;
+            for event in &events[..n] {
+                match event.data() {
+                    CONTROL => {
+                        if !self.serve_control() {
+                            return;
+                        }
+                    }
+                    REGISTRAR => self.register_workers(),
+                    LISTENER => listener_ready = true,
+                    INNER => self.serve_links(),
+                    token => {
+                        // Only EPOLLHUP/EPOLLERR: the worker has gone. A READY it sent last does
+                        // not count (a connection sent into its mailbox would only be read back).
+                        if let Some((slot, serial)) = link_of(token) {
+                            if self.workers.get_current(slot, serial).is_some() {
+                                self.remove_worker(slot);
+                            }
+                        }
+                    }
+                }
+            }
+            self.dispatch();
+            if listener_ready {
+                self.accept_batch();
+            }
+        }
+    }
+
+    fn can_accept(&self) -> bool {
+        self.accept_paused_until.is_none() && self.waiting.len() < self.ready.len() + self.queue_limit
+    }
+
+    /// Ends the accept pause if it is over; the wait's timeout until it ends.
+    fn timeout(&mut self) -> EpollTimeout {
+        let Some(until) = self.accept_paused_until else { return EpollTimeout::NONE };
+        let left = until.saturating_duration_since(Instant::now());
+        if left.is_zero() {
+            self.accept_paused_until = None;
+            return EpollTimeout::ZERO;
+        }
+        EpollTimeout::try_from(left + Duration::from_millis(1)).unwrap_or(EpollTimeout::MAX)
+    }
+
+    /// Puts the listener and the inner set in the main set, or takes them out: one epoll_ctl per
+    /// change, none when nothing changed.
+    fn update_watches(&mut self) {
+        let want_listener = self.can_accept();
+        if want_listener != self.watching_listener {
+            self.watching_listener = want_listener;
+            self.set_watch(self.listener.as_fd(), want_listener, LISTENER);
+        }
+        let want_links = self.ready.is_empty();
+        if want_links != self.watching_links {
+            self.watching_links = want_links;
+            self.set_watch(self.links.as_fd(), want_links, INNER);
+        }
+    }
+
+    fn set_watch(&self, fd: BorrowedFd, on: bool, token: u64) {
+        let flags = if on { EpollFlags::EPOLLIN } else { EpollFlags::empty() };
+        // Cannot fail for a member of the set (MOD fails only for fds not in it).
+        let _ = self.epoll.modify(fd, &mut EpollEvent::new(flags, token));
+    }
+
+    /// Serves the links with messages, at most EVENTS of them (the rest wait: level-triggered).
+    fn serve_links(&mut self) {
+        let mut events = [EpollEvent::empty(); EVENTS];
+        let n = self.links.wait(&mut events, EpollTimeout::ZERO).unwrap_or(0);
+        for event in &events[..n] {
+            if let Some((slot, serial)) = link_of(event.data()) {
+                if self.workers.get_current(slot, serial).is_some() {
+                    self.serve_worker(slot);
+                }
+            }
+        }
+    }
+
+    /// Reads a worker's messages until its link is empty (at most LINK_BATCH). A READY makes it
+    /// ready; anything else drops it.
+    fn serve_worker(&mut self, slot: usize) {
+        let mut buf = [0u8; MAX_MESSAGE];
+        for _ in 0..LINK_BATCH {
+            let Some(worker) = self.workers.get_mut(slot) else { return };
+            let message = {
+                // Fds a hostile worker attaches are closed before the section ends.
+                let _section = CreateSection::enter();
+                match fdpass::recv_with_fds(worker.link.as_fd(), &mut buf) {
+                    Ok(Received::Message(len, fds)) if fds.is_empty() => Some(wire::decode_ready(&buf[..len])),
+                    Ok(Received::Empty) => return,
+                    Err(e) if e.kind() == io::ErrorKind::WouldBlock => return,
+                    Ok(Received::Closed) => None,
+                    // Fds attached, too long, or a failing link.
+                    Ok(Received::Message(..)) | Err(_) => Some(None),
+                }
+            };
+            match message {
+                Some(Some(asked_ns)) => {
+                    if !worker.ready {
+                        worker.asked();
+                        if worker.note_taken(true) {
+                            self.delivered += 1;
+                        }
+                        self.ready.push(asked_ns, slot);
+                    }
+                }
+                None => return self.remove_worker(slot),
+                Some(None) => {
+                    self.dropped += 1;
+                    return self.remove_worker(slot);
+                }
+            }
+        }
+    }
+
+    /// Forgets a worker; a connection it had not taken from its mailbox goes first to the next.
+    fn remove_worker(&mut self, slot: usize) {
+        let Some(mut worker) = self.workers.take(slot) else { return };
+        // Out of both sets explicitly: a copy of the link held elsewhere would keep it in.
+        let _ = self.epoll.delete(worker.link.as_fd());
+        let _ = self.links.delete(worker.link.as_fd());
+        if worker.ready {
+            self.ready.remove(slot);
+        }
+        if worker.note_taken(false) {
+            self.delivered += 1;
+        }
+        let (untaken, dropped) = worker.read_back();
+        self.dropped += dropped;
+        if let Some(conn) = untaken {
+            self.waiting.push_front(conn);
+        }
+    }
+
+    /// Hands waiting connections to ready workers, longest-waiting worker first. A READY not
+    /// read yet (see the module doc) was sent after every one already read, so the queue's head
+    /// is the longest-waiting worker without reading it.
+    fn dispatch(&mut self) {
+        while !self.waiting.is_empty() {
+            let Some(slot) = self.ready.pop() else { return };
+            let Some(worker) = self.workers.get_mut(slot) else { continue };
+            let conn = self.waiting.pop_front().expect("checked non-empty");
+            worker.ready = false;
+            let mut payload = [0u8; MAX_MESSAGE];
+            let len = wire::encode_peer(&conn.peer, &mut payload);
+            match fdpass::send_with_fds(worker.mailbox.as_fd(), &payload[..len], &[conn.fd.as_fd()]) {
+                // The message holds the connection now; our copy closes as conn drops.
+                Ok(()) => worker.sent(),
+                Err(_) => {
+                    // The worker has gone (or cannot take it): keep the connection for the next.
+                    self.waiting.push_front(conn);
+                    self.remove_worker(slot);
+                }
+            }
+        }
+    }
+
+    fn accept_batch(&mut self) {
+        for _ in 0..ACCEPT_BATCH {
+            if !self.can_accept() {
+                return;
+            }
+            let section = CreateSection::enter();
+            let accepted = fdpass::accept(self.listener.as_fd())
+                .and_then(|(fd, peer)| Ok(Connection { fd: section.adopt(fd)?, peer }));
+            drop(section);
+            match accepted {
+                Ok(conn) => {
+                    self.accepted += 1;
+                    self.waiting.push_back(conn);
+                    self.dispatch();
+                }
+                Err(err) => match err.raw_os_error() {
+                    Some(libc::EAGAIN) => return,
+                    // The client gave up, or a signal: just take the next.
+                    Some(libc::ECONNABORTED | libc::EINTR | libc::EPROTO) => {}
+                    // Out of fds or memory (or worse): back off rather than spin, keep serving.
+                    _ => {
+                        self.accept_paused_until = Some(Instant::now() + ACCEPT_BACKOFF);
+                        return;
+                    }
+                },
+            }
+        }
+    }
+
+    /// Takes registrations until the socket is empty (at most REGISTRATION_BATCH); each is
+    /// answered on its link, unless its link cannot take an answer.
+    fn register_workers(&mut self) {
+        let mut buf = [0u8; MAX_MESSAGE];
+        for _ in 0..REGISTRATION_BATCH {
+            let section = CreateSection::enter();
+            // Out of fds, a registration would arrive without them (the kernel closes what does
+            // not fit) and could not even be refused: free the reserve for it, take it back after.
+            // (Inside the section: a fork must not catch the probes.)
+            let short = !fdpass::has_free_fds(self.registrar.as_fd(), fdpass::MAX_FDS);
+            if short {
+                self.reserve.clear();
+            }
+            let registration = match fdpass::recv_with_fds(self.registrar.as_fd(), &mut buf) {
+                Ok(Received::Message(len, fds)) => {
+                    let fds: Option<Vec<ParentOnlyFd>> =
+                        fds.into_iter().map(|fd| section.adopt(fdpass::above_select_range(fd)).ok()).collect();
+                    let fds = fds.and_then(|fds| <[ParentOnlyFd; 3]>::try_from(fds).ok());
+                    Some(wire::decode_registration(&buf[..len]).zip(fds))
+                }
+                Ok(Received::Empty) => None,
+                Ok(Received::Closed) => {
+                    // Only once the Tcl side has gone, and then the thread stops: just in case,
+                    // stop watching an fd that would stay readable.
+                    let _ = self.epoll.delete(self.registrar.as_fd());
+                    None
+                }
+                // Malformed, or fds cut short for lack of fd numbers: lost, counted below.
+                Err(err) if err.kind() == io::ErrorKind::InvalidData || err.raw_os_error() == Some(libc::EMFILE) => {
+                    Some(None)
+                }
+                Err(_) => None,
+            };
+            drop(section);
+            match registration {
+                None => {
+                    self.take_reserve();
+                    return;
+                }
+                Some(None) => self.refused += 1,
+                Some(Some((pid, [link, mailbox, peer]))) => self.register(pid, link, mailbox, peer, short),
+            }
+            self.take_reserve();
+        }
+    }
+
+    /// Answers one registration whose fds have been received; `short`: the process has no fds
+    /// to spare for it.
+    fn register(&mut self, pid: i32, link: ParentOnlyFd, mailbox: ParentOnlyFd, peer: ParentOnlyFd, short: bool) {
+        if !fdpass::is_unix_seqpacket(link.as_fd()) {
+            self.refused += 1; // nowhere to answer
+            return;
+        }
+        // The pid it says must be the one the kernel knows made the link (SO_PEERCRED).
+        let pid_checks = fdpass::peer_pid(link.as_fd()) == Some(pid);
+        let refusal = if short {
+            Some(Refusal::OutOfFds)
+        } else if !pid_checks {
+            Some(Refusal::Invalid)
+        } else if self.workers.len() >= self.max_workers {
+            Some(Refusal::WorkerLimit(self.max_workers.min(u32::MAX as usize) as u32))
+        } else if !workers::is_mailbox_pair(&mailbox, &peer, self.next_nonce()) {
+            Some(Refusal::Invalid)
+        } else {
+            None
+        };
+        let answer = refusal.map_or(Answer::Accepted, Answer::Refused);
+        let (bytes, len) = wire::encode_answer(answer);
+        let answered = fdpass::send_message(link.as_fd(), &bytes[..len]).is_ok();
+        if refusal.is_some() || !answered {
+            self.refused += 1;
+            return;
+        }
+        let slot = self.workers.insert(Worker::new(link, mailbox, peer, pid));
+        let worker = self.workers.get_mut(slot).expect("just inserted");
+        let token = link_token(slot, worker.serial);
+        let link = worker.link.as_fd();
+        let added = self.links.add(link, EpollEvent::new(EpollFlags::EPOLLIN, token)).is_ok()
+            && self.epoll.add(link, EpollEvent::new(EpollFlags::empty(), token)).is_ok();
+        if !added {
+            self.remove_worker(slot);
+        }
+    }
+
+    /// Takes the reserve of fds back, as far as there are free fds.
+    fn take_reserve(&mut self) {
+        if self.reserve.len() == RESERVE {
+            return;
+        }
+        let section = CreateSection::enter();
+        while self.reserve.len() < RESERVE {
+            match fdpass::spare_fd(self.control.as_fd()).and_then(|fd| section.adopt(fd)) {
+                Ok(fd) => self.reserve.push(fd),
+                Err(_) => return,
+            }
+        }
+    }
+
+    fn next_nonce(&mut self) -> u64 {
+        self.nonce_count += 1;
+        self.nonces.hash_one(self.nonce_count)
+    }
+
+    /// Answers the Tcl thread's requests; false when the thread should stop.
+    fn serve_control(&mut self) -> bool {
+        let mut buf = [0u8; 16];
+        loop {
+            let request = match fdpass::recv_with_fds(self.control.as_fd(), &mut buf) {
+                Ok(Received::Message(len, _)) => control::decode_request(&buf[..len]),
+                Ok(Received::Empty) => return true,
+                // The Tcl side has closed, or its socket fails.
+                _ => return false,
+            };
+            match request {
+                Some(Request::Snapshot(id)) => self.answer_snapshot(id),
+                Some(Request::Stop) => return false,
+                None => {} // the Tcl side sends none: ignore
+            }
+        }
+    }
+
+    /// Sends the snapshot inline, or in a memfd if it is large: its size is bound by nothing,
+    /// and sending it never waits for the Tcl thread (which may have given up).
+    fn answer_snapshot(&mut self, id: u64) {
+        self.catch_up();
+        let bytes = self.snapshot().encode();
+        // If the Tcl thread has gone, or its socket is full of answers it gave up on, there is
+        // no one to tell.
+        if bytes.len() <= control::INLINE_SNAPSHOT {
+            let _ = fdpass::send_message(self.control.as_fd(), &control::encode_answer(id, 0, &bytes));
+            return;
+        }
+        let section = CreateSection::enter();
+        let file = nix::sys::memfd::memfd_create(c"socketserver-info", nix::sys::memfd::MemFdCreateFlag::MFD_CLOEXEC)
+            .map_err(errno)
+            .and_then(|fd| section.adopt_owner(std::fs::File::from(fd)));
+        drop(section);
+        let _ = match file.and_then(|file| (&*file).write_all(&bytes).map(|()| file)) {
+            Ok(file) => fdpass::send_with_fds(self.control.as_fd(), &control::encode_answer(id, 0, &[]), &[file.as_fd()]),
+            Err(err) => {
+                let errno = err.raw_os_error().unwrap_or(libc::EIO);
+                fdpass::send_message(self.control.as_fd(), &control::encode_answer(id, errno, &[]))
+            }
+        };
+    }
+
+    /// Brings the counters up to date for a snapshot: reads READYs not waited for, and counts
+    /// the connections that workers have taken from their mailboxes since. O(workers).
+    fn catch_up(&mut self) {
+        for slot in 0..self.workers.slots() {
+            if self.workers.get_mut(slot).is_some_and(|w| !w.ready) {
+                self.serve_worker(slot);
+            }
+            if self.workers.get_mut(slot).is_some_and(|w| w.note_taken(false)) {
+                self.delivered += 1;
+            }
+        }
+    }
+
+    fn snapshot(&self) -> Snapshot {
+        Snapshot {
+            accepted: self.accepted,
+            delivered: self.delivered,
+            refused: self.refused,
+            dropped: self.dropped,
+            queued: self.waiting.len() as u32,
+            ready: self.ready.len() as u32,
+            max_workers: self.max_workers.min(u32::MAX as usize) as u32,
+            workers: self.workers.iter().map(Worker::status).collect(),
+        }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn link_tokens_round_trip_and_never_collide_with_the_fixed_ones() {
+        for (slot, serial) in [(0, 1), (5, u32::MAX), (1 << 20, 7)] {
+            let token = link_token(slot, serial);
+            assert!(token >= FIRST_LINK);
+            assert_eq!(link_of(token), Some((slot, serial)));
+        }
+        for fixed in [CONTROL, REGISTRAR, LISTENER, INNER] {
+            assert_eq!(link_of(fixed), None);
+        }
+    }
+}

@@ -1,0 +1,357 @@
+//! The serving side: a listener, and a thread that accepts only when a worker can take the
+//! connection and hands each one to the longest-waiting ready worker.
+//!
+//! Nothing is lost if a worker dies before taking its connection: the connection waits in the
+//! worker's mailbox socket, and the dispatcher holds a reference to the worker's end of that
+//! mailbox too, so the queued message outlives the worker; when the worker's link closes, the
+//! dispatcher reads back whatever is still queued and sends it to another worker. So the
+//! dispatcher closes its copy of a connection as soon as it is sent, needs no acknowledgement,
+//! and wakes up once per connection (to accept it) when other workers are ready.
+//!
+//! The thread shares nothing with the Tcl thread but sockets: requests (`info`, `close`) arrive
+//! on a control socket. So a child forked at any moment finds no lock held by this thread; and
+//! every fd the thread owns is a [`ParentOnlyFd`](crate::fork_safety::ParentOnlyFd), which forked
+//! children close.
+//!
+//! Each worker costs the serving process [`FDS_PER_WORKER`] fds (its link, its mailbox, and the
+//! worker's end of the mailbox), so the number of workers is capped (see [`default_max_workers`]);
+//! a worker over the cap, or one that comes when the process is out of fds, is refused with a
+//! reason it can report.
+//!
+//! Modules: `event_loop` (the thread), `workers` (the registry), `ready_queue`, `control` (the
+//! Tcl thread's requests and the snapshot).
+
+mod control;
+mod event_loop;
+#[cfg(test)]
+mod hostile;
+mod ready_queue;
+mod workers;
+
+pub use control::Snapshot;
+
+use crate::fdpass::{self, Received};
+use crate::fork_safety::{CreateSection, ParentOnlyFd};
+use control::Request;
+use std::cell::Cell;
+use std::io::{self, Read};
+use std::net::SocketAddr;
+use std::os::fd::{AsFd, OwnedFd};
+use std::thread::JoinHandle;
+use std::time::{Duration, Instant};
+
+/// How long the Tcl thread waits for the dispatcher to answer a request.
+const REQUEST_TIMEOUT: Duration = Duration::from_secs(5);
+
+/// The fds a registered worker holds open in the serving process.
+pub const FDS_PER_WORKER: usize = 3;
+
+/// The default worker limit: a quarter of the soft limit on open files (RLIMIT_NOFILE), so that
+/// workers take at most three quarters of the fds and the rest is left for connections and
+/// everything else. At least 1.
+pub fn default_max_workers() -> usize {
+    let soft = nix::sys::resource::getrlimit(nix::sys::resource::Resource::RLIMIT_NOFILE)
+        .map_or(1024, |(soft, _)| soft);
+    (soft / 4).clamp(1, u32::MAX as u64) as usize
+}
+
+/// A listening port served by a dispatcher thread, as the Tcl thread that created it sees it.
+#[derive(Debug)]
+pub struct Server {
+    pub address: SocketAddr,
+    pub backlog: u32,
+    pub queue_limit: usize,
+    /// The end of the registration socket that workers (this process and its forked children)
+    /// use to register. Inherited by children on purpose.
+    pub registration: OwnedFd,
+    control: ParentOnlyFd,
+    thread: Option<JoinHandle<()>>,
+    generation: u64,
+    last_request: Cell<u64>,
+}
+
+impl Server {
+    /// Binds and listens at once, so every failure is reported here, then starts the thread.
+    /// `max_workers`: how many workers may register at a time (None: [`default_max_workers`]).
+    pub fn start(address: SocketAddr, backlog: u32, queue_limit: usize, max_workers: Option<usize>) -> io::Result<Server> {
+        crate::fork_safety::install()?;
+        let max_workers = max_workers.unwrap_or_else(default_max_workers);
+        let section = CreateSection::enter();
+        let listener = section.adopt(fdpass::listen(address, backlog)?)?;
+        let (registration, registrar) = fdpass::seqpacket_pair()?;
+        let registrar = section.adopt(registrar)?;
+        let (control, thread_control) = fdpass::seqpacket_pair()?;
+        let control = section.adopt(control)?;
+        let thread_control = section.adopt(thread_control)?;
+        drop(section);
+        let address = fdpass::local_addr(listener.as_fd())?;
+        let dispatcher = event_loop::Dispatcher::new(listener, registrar, thread_control, queue_limit, max_workers)?;
+        let thread = std::thread::Builder::new()
+            .name(format!("socketserver:{}", address.port()))
+            .spawn(move || dispatcher.run())?;
+        Ok(Server {
+            address,
+            backlog,
+            queue_limit,
+            registration,
+            control,
+            thread: Some(thread),
+            generation: crate::fork_safety::generation(),
+            last_request: Cell::new(0),
+        })
+    }
+
+    /// False in a child forked from the process that started the server.
+    pub fn is_owner(&self) -> bool {
+        self.generation == crate::fork_safety::generation()
+    }
+
+    /// Asks the dispatcher thread for its counters. Only in the owning process. Errors: EPIPE
+    /// when the thread has stopped, ETIMEDOUT when it did not answer in time, or the errno of
+    /// what kept it from answering (EMFILE, ...).
+    pub fn snapshot(&self) -> io::Result<Snapshot> {
+        let id = self.last_request.get() + 1;
+        self.last_request.set(id);
+        let mut buf = vec![0u8; control::MAX_ANSWER];
+        // Answers to earlier requests that timed out (their fds close as they drop).
+        while let Ok(Received::Message(..)) = fdpass::recv_with_fds(self.control.as_fd(), &mut buf) {}
+        fdpass::send_message(self.control.as_fd(), &control::encode_request(Request::Snapshot(id))).map_err(|err| {
+            match err.raw_os_error() {
+                Some(libc::EPIPE | libc::ECONNRESET) => stopped(),
+                _ => err,
+            }
+        })?;
+        let deadline = Instant::now() + REQUEST_TIMEOUT;
+        loop {
+            fdpass::wait_readable(self.control.as_fd(), deadline.saturating_duration_since(Instant::now()))?;
+            match fdpass::recv_with_fds(self.control.as_fd(), &mut buf) {
+                Ok(Received::Message(len, mut fds)) => match control::decode_answer(&buf[..len]) {
+                    Some((answered, 0, inline)) if answered == id => {
+                        let snapshot = match fds.pop() {
+                            Some(file) => read_snapshot(file)?,
+                            None => inline.to_vec(),
+                        };
+                        return Snapshot::decode(&snapshot)
+                            .ok_or_else(|| io::Error::new(io::ErrorKind::InvalidData, "malformed snapshot"));
+                    }
+                    Some((answered, errno, _)) if answered == id => return Err(io::Error::from_raw_os_error(errno)),
+                    _ => {} // a late answer to an earlier request
+                },
+                Ok(Received::Empty) => {}
+                Ok(Received::Closed) => return Err(stopped()),
+                Err(err) => return Err(err),
+            }
+        }
+    }
+}
+
+fn stopped() -> io::Error {
+    io::Error::new(io::ErrorKind::BrokenPipe, "the dispatcher thread has stopped")
+}
+
+/// Reads the snapshot the dispatcher wrote into a memfd.
+fn read_snapshot(fd: OwnedFd) -> io::Result<Vec<u8>> {
+    let mut file = std::fs::File::from(fd);
+    let mut bytes = Vec::new();
+    // The dispatcher's copy of the file shared its offset: read from the start.
+    std::io::Seek::rewind(&mut file)?;
+    file.read_to_end(&mut bytes)?;
+    Ok(bytes)
+}
+
+impl Drop for Server {
+    /// In the owning process: stops the thread, which closes the listener and every connection
+    /// not yet handed over. In a forked child the thread does not exist and the fork handler has
+    /// already closed the parent-only fds, so there is nothing to stop.
+    fn drop(&mut self) {
+        if !self.is_owner() {
+            // The handle names a thread of the parent: detaching it here would be wrong.
+            std::mem::forget(self.thread.take());
+            return;
+        }
+        // A send error means the thread has already ended; joining is then immediate.
+        let _ = fdpass::send_message(self.control.as_fd(), &control::encode_request(Request::Stop));
+        if let Some(thread) = self.thread.take() {
+            let _ = thread.join();
+        }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::control::{WorkerState, WorkerStatus};
+    use super::*;
+    use crate::fdpass::wait_readable;
+    use crate::worker::{Delivery, WorkerLink};
+    use std::io::{Read, Write};
+    use std::net::TcpStream;
+
+    fn start(queue: usize) -> Server {
+        Server::start("127.0.0.1:0".parse().unwrap(), 16, queue, None).unwrap()
+    }
+
+    fn wait_for(server: &Server, what: &str, cond: impl Fn(&Snapshot) -> bool) -> Snapshot {
+        let deadline = Instant::now() + Duration::from_secs(5);
+        loop {
+            let snap = server.snapshot().unwrap();
+            if cond(&snap) {
+                return snap;
+            }
+            assert!(Instant::now() < deadline, "timed out waiting for {what}: {snap:?}");
+            std::thread::sleep(Duration::from_millis(2));
+        }
+    }
+
+    /// A worker registered with `server` and armed, once the dispatcher knows it is ready.
+    fn ready_worker(server: &Server) -> WorkerLink {
+        let mut link = WorkerLink::register(server.registration.as_fd()).unwrap();
+        link.arm().unwrap();
+        wait_for(server, "ready", |s| s.ready == 1);
+        link
+    }
+
+    fn receive(link: &mut WorkerLink) -> Delivery {
+        wait_readable(link.as_fd(), Duration::from_secs(5)).expect("a delivery in time");
+        link.receive().unwrap().expect("a connection")
+    }
+
+    #[test]
+    fn a_ready_worker_gets_the_connection_and_its_peer() {
+        let server = start(0);
+        let mut link = ready_worker(&server);
+        let mut client = TcpStream::connect(server.address).unwrap();
+        let delivery = receive(&mut link);
+        assert_eq!(delivery.peer, client.local_addr().unwrap());
+        let mut conn = TcpStream::from(delivery.fd);
+        conn.write_all(b"pong").unwrap();
+        drop(conn);
+        let mut reply = String::new();
+        client.read_to_string(&mut reply).unwrap();
+        assert_eq!(reply, "pong", "closing the worker's copy closes the connection");
+        let snap = wait_for(&server, "delivery", |s| s.delivered == 1);
+        assert_eq!((snap.accepted, snap.queued, snap.ready), (1, 0, 0));
+        let me = WorkerStatus { pid: std::process::id() as i32, state: WorkerState::Busy, delivered: 1, busy_ms: snap.workers[0].busy_ms };
+        assert_eq!(snap.workers, vec![me]);
+        link.arm().unwrap();
+        let snap = wait_for(&server, "ready again", |s| s.ready == 1);
+        assert_eq!(snap.workers[0].state, WorkerState::Ready);
+    }
+
+    #[test]
+    fn nothing_is_accepted_until_a_worker_is_ready() {
+        let server = start(0);
+        let clients: Vec<_> = (0..3).map(|_| TcpStream::connect(server.address).unwrap()).collect();
+        let mut link = WorkerLink::register(server.registration.as_fd()).unwrap();
+        std::thread::sleep(Duration::from_millis(50));
+        assert_eq!(server.snapshot().unwrap().accepted, 0);
+        for client in &clients {
+            link.arm().unwrap();
+            assert_eq!(receive(&mut link).peer, client.local_addr().unwrap(), "in arrival order");
+        }
+        assert_eq!(server.snapshot().unwrap().accepted, 3);
+    }
+
+    #[test]
+    fn the_queue_limit_bounds_what_is_accepted_ahead() {
+        let server = start(2);
+        let _clients: Vec<_> = (0..4).map(|_| TcpStream::connect(server.address).unwrap()).collect();
+        let snap = wait_for(&server, "two queued", |s| s.queued == 2);
+        std::thread::sleep(Duration::from_millis(50));
+        assert_eq!(server.snapshot().unwrap().accepted, 2, "{snap:?}");
+    }
+
+    #[test]
+    fn ready_workers_are_served_first_come_first_served() {
+        let server = start(0);
+        let mut first = WorkerLink::register(server.registration.as_fd()).unwrap();
+        let mut second = WorkerLink::register(server.registration.as_fd()).unwrap();
+        second.arm().unwrap();
+        wait_for(&server, "second ready", |s| s.ready == 1);
+        first.arm().unwrap();
+        wait_for(&server, "both ready", |s| s.ready == 2);
+        let a = TcpStream::connect(server.address).unwrap();
+        assert_eq!(receive(&mut second).peer, a.local_addr().unwrap());
+        let b = TcpStream::connect(server.address).unwrap();
+        assert_eq!(receive(&mut first).peer, b.local_addr().unwrap());
+    }
+
+    #[test]
+    fn a_connection_sent_to_a_worker_that_dies_goes_to_the_next() {
+        let server = start(0);
+        let mut doomed = WorkerLink::register(server.registration.as_fd()).unwrap();
+        doomed.arm().unwrap();
+        wait_for(&server, "doomed ready", |s| s.ready == 1);
+        let mut client = TcpStream::connect(server.address).unwrap();
+        wait_readable(doomed.as_fd(), Duration::from_secs(5)).unwrap();
+        drop(doomed); // dies with the connection still in its mailbox
+        let mut survivor = WorkerLink::register(server.registration.as_fd()).unwrap();
+        survivor.arm().unwrap();
+        let delivery = receive(&mut survivor);
+        assert_eq!(delivery.peer, client.local_addr().unwrap());
+        TcpStream::from(delivery.fd).write_all(b"saved").unwrap();
+        let mut reply = String::new();
+        client.read_to_string(&mut reply).unwrap();
+        assert_eq!(reply, "saved");
+        let snap = wait_for(&server, "one worker", |s| s.workers.len() == 1);
+        assert_eq!((snap.accepted, snap.delivered), (1, 1));
+    }
+
+    #[test]
+    fn a_connection_taken_by_a_worker_that_dies_is_not_sent_again() {
+        let server = start(0);
+        let mut doomed = WorkerLink::register(server.registration.as_fd()).unwrap();
+        doomed.arm().unwrap();
+        let mut other = WorkerLink::register(server.registration.as_fd()).unwrap();
+        wait_for(&server, "doomed ready", |s| s.ready == 1);
+        let mut client = TcpStream::connect(server.address).unwrap();
+        let taken = receive(&mut doomed);
+        drop(doomed);
+        other.arm().unwrap();
+        wait_for(&server, "one worker, ready", |s| s.workers.len() == 1 && s.ready == 1);
+        drop(taken); // the dead worker's connection ends here, and only here
+        let mut rest = Vec::new();
+        client.read_to_end(&mut rest).unwrap();
+        assert!(rest.is_empty());
+        assert!(matches!(other.receive(), Err(e) if e.kind() == io::ErrorKind::WouldBlock));
+    }
+
+    #[test]
+    fn readys_read_together_queue_in_the_order_they_were_sent() {
+        let server = start(0);
+        // Slots in the order a, b, c; asking in the order c, b, a.
+        let mut links: Vec<_> = (0..3).map(|_| WorkerLink::register(server.registration.as_fd()).unwrap()).collect();
+        wait_for(&server, "three workers", |s| s.workers.len() == 3);
+        links[2].arm().unwrap();
+        wait_for(&server, "c ready", |s| s.ready == 1);
+        // With c ready, the dispatcher does not wait for these: it reads both at once later.
+        links[1].arm().unwrap();
+        links[0].arm().unwrap();
+        for expected in [2, 1, 0] {
+            let client = TcpStream::connect(server.address).unwrap();
+            assert_eq!(receive(&mut links[expected]).peer, client.local_addr().unwrap());
+        }
+    }
+
+    #[test]
+    fn a_worker_that_takes_its_connection_and_leaves_is_counted() {
+        let server = start(0);
+        let mut link = ready_worker(&server);
+        let _client = TcpStream::connect(server.address).unwrap();
+        let _taken = receive(&mut link);
+        drop(link);
+        let snap = wait_for(&server, "the worker gone", |s| s.workers.is_empty());
+        assert_eq!((snap.accepted, snap.delivered), (1, 1));
+    }
+
+    #[test]
+    fn dropping_the_server_frees_the_port_and_tells_workers() {
+        let server = start(0);
+        let address = server.address;
+        let mut link = ready_worker(&server);
+        drop(server);
+        let again = Server::start(address, 16, 0, None).expect("the port is free again at once");
+        assert_eq!(again.address, address);
+        wait_readable(link.as_fd(), Duration::from_secs(5)).unwrap();
+        assert!(link.receive().unwrap().is_none(), "the worker sees the server close");
+    }
+}
