@@ -178,11 +178,21 @@ fn peer_has_closed(sock: BorrowedFd) -> bool {
 
 /// Waits until `fd` is readable (or at its end), or fails with ETIMEDOUT.
 pub fn wait_readable(fd: BorrowedFd, timeout: std::time::Duration) -> io::Result<()> {
+    wait_for(fd, PollFlags::POLLIN, timeout)
+}
+
+/// Waits until `fd` can take a message (for a SOCK_SEQPACKET socket: its peer's receive queue
+/// has room), or fails with ETIMEDOUT.
+pub fn wait_writable(fd: BorrowedFd, timeout: std::time::Duration) -> io::Result<()> {
+    wait_for(fd, PollFlags::POLLOUT, timeout)
+}
+
+fn wait_for(fd: BorrowedFd, events: PollFlags, timeout: std::time::Duration) -> io::Result<()> {
     let deadline = std::time::Instant::now() + timeout;
     loop {
         let left = deadline.saturating_duration_since(std::time::Instant::now());
         let ms = PollTimeout::try_from(left.as_millis().min(i32::MAX as u128) as i32).unwrap_or(PollTimeout::MAX);
-        let mut pfd = [PollFd::new(fd, PollFlags::POLLIN)];
+        let mut pfd = [PollFd::new(fd, events)];
         match nix::poll::poll(&mut pfd, ms) {
             Ok(0) => return Err(io::Error::from_raw_os_error(libc::ETIMEDOUT)),
             Ok(_) => return Ok(()),
@@ -290,6 +300,30 @@ mod tests {
     use std::os::fd::AsFd;
     use std::io::{Read, Write};
     use std::net::{TcpListener, TcpStream};
+
+    #[test]
+    fn a_full_seqpacket_queue_is_waited_out_until_there_is_room() {
+        let (a, b) = seqpacket_pair().unwrap();
+        let mut sent = 0;
+        while send_message(a.as_fd(), b"W").is_ok() {
+            sent += 1;
+            assert!(sent < 100_000, "the queue never fills");
+        }
+        let short = std::time::Duration::from_millis(20);
+        let err = wait_writable(a.as_fd(), short).unwrap_err();
+        assert_eq!(err.raw_os_error(), Some(libc::ETIMEDOUT));
+        let reader = std::thread::spawn(move || {
+            std::thread::sleep(std::time::Duration::from_millis(20));
+            // As the dispatcher does: it reads the queue to the end (a socketpair's POLLOUT
+            // comes back only once most of the send buffer is free again).
+            let mut buf = [0u8; 8];
+            while nix::sys::socket::recv(b.as_raw_fd(), &mut buf, MsgFlags::MSG_DONTWAIT).is_ok() {}
+            b
+        });
+        wait_writable(a.as_fd(), std::time::Duration::from_secs(5)).expect("room once the queue is read");
+        send_message(a.as_fd(), b"W").unwrap();
+        drop(reader.join().unwrap());
+    }
 
     #[test]
     fn an_fd_travels_with_its_message_and_arrives_cloexec() {

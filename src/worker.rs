@@ -53,15 +53,12 @@ impl WorkerLink {
         let message = wire::encode_registration(std::process::id() as i32);
         let fds = [dispatcher_link.as_fd(), dispatcher_mailbox.as_fd(), mailbox.as_fd()];
         let deadline = Instant::now() + REGISTER_TIMEOUT;
-        let timed_out = || io::Error::from_raw_os_error(libc::ETIMEDOUT);
         loop {
             match fdpass::send_with_fds(registration, &message, &fds) {
+                // The registration socket's queue is short (net.unix.max_dgram_qlen, 10 by
+                // default): when many workers start at once, wait until there is room again.
                 Err(e) if e.kind() == io::ErrorKind::WouldBlock => {
-                    let left = deadline.saturating_duration_since(Instant::now());
-                    if left.is_zero() {
-                        return Err(timed_out().into());
-                    }
-                    std::thread::sleep(left.min(Duration::from_millis(1)));
+                    fdpass::wait_writable(registration, deadline.saturating_duration_since(Instant::now()))?;
                 }
                 sent => break sent?,
             }
