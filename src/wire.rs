@@ -16,6 +16,7 @@
 //! | dispatcher → worker | link | `N` reason:u8 limit:u32 (6): refused; reason 1 = worker limit (`limit` workers), 2 = serving process out of fds, 3 = invalid registration | none |
 //! | worker → dispatcher | link | `R` asked:u64 (9): ready for one connection, asked at CLOCK_MONOTONIC ns | none |
 //! | dispatcher → worker | mailbox | family:u8 (4 or 6) port:u16 **big-endian** address (4 or 16 bytes) (7 or 19) | the connection |
+//! | worker → dispatcher | mailbox (the worker's end) | `P` then a peer as above (8 or 20): hand-back of a connection the worker is done with for now, to be parked until the client sends more | the connection |
 //!
 //! Anything else (another tag, another length, fds where none belong) is malformed: the
 //! dispatcher drops the worker that sent it, or the registration it came with.
@@ -27,9 +28,10 @@ const CHECK: u8 = b'C';
 const ACCEPTED: u8 = b'A';
 const REFUSED: u8 = b'N';
 const READY: u8 = b'R';
+const HANDBACK: u8 = b'P';
 
-/// Longest message: an IPv6 peer (1 + 2 + 16).
-pub const MAX_MESSAGE: usize = 19;
+/// Longest message: a hand-back with an IPv6 peer (1 + 1 + 2 + 16).
+pub const MAX_MESSAGE: usize = 20;
 
 /// What a peer address that cannot be read is reported as: 0.0.0.0 port 0.
 pub const UNKNOWN_PEER: SocketAddr = SocketAddr::V4(SocketAddrV4::new(Ipv4Addr::UNSPECIFIED, 0));
@@ -138,6 +140,22 @@ pub fn encode_peer(peer: &SocketAddr, buf: &mut [u8; MAX_MESSAGE]) -> usize {
     }
 }
 
+/// A worker's hand-back: `P` and the peer of the connection attached to the message.
+pub fn encode_handback(peer: &SocketAddr, buf: &mut [u8; MAX_MESSAGE]) -> usize {
+    let mut encoded = [0u8; MAX_MESSAGE];
+    let len = encode_peer(peer, &mut encoded);
+    buf[0] = HANDBACK;
+    buf[1..=len].copy_from_slice(&encoded[..len]);
+    len + 1
+}
+
+pub fn decode_handback(bytes: &[u8]) -> Option<SocketAddr> {
+    match bytes {
+        [HANDBACK, peer @ ..] => decode_peer(peer),
+        _ => None,
+    }
+}
+
 pub fn decode_peer(bytes: &[u8]) -> Option<SocketAddr> {
     match bytes {
         [4, p0, p1, a @ ..] if a.len() == 4 => {
@@ -180,6 +198,9 @@ pub(crate) mod tests {
             let peer: SocketAddr = peer.parse().unwrap();
             let len = encode_peer(&peer, &mut buf);
             assert_eq!(decode_peer(&buf[..len]), Some(peer));
+            let len = encode_handback(&peer, &mut buf);
+            assert_eq!(decode_handback(&buf[..len]), Some(peer));
+            assert_eq!(decode_peer(&buf[..len]), None, "a hand-back is not a delivery");
         }
         assert_eq!(decode_registration(&encode_registration(-7)), Some(-7));
         assert_eq!(decode_ready(&encode_ready(u64::MAX)), Some(u64::MAX));
@@ -214,6 +235,9 @@ pub(crate) mod tests {
         assert_eq!(decode_peer(&[4, 0, 1, 2, 3, 4]), None);
         assert_eq!(decode_peer(&[6, 0, 1, 2, 3, 4, 5, 6]), None);
         assert_eq!(decode_peer(&[5, 0, 1, 2, 3, 4]), None);
+        assert_eq!(decode_handback(&[b'P', 4, 0, 1, 2, 3, 4]), None, "a truncated hand-back");
+        assert_eq!(decode_handback(&[b'P', 4, 0, 1, 2, 3, 4, 5, 6]), None, "an oversized hand-back");
+        assert_eq!(decode_handback(&[b'R', 4, 0, 1, 2, 3, 4, 5]), None, "another tag");
         for empty in [decode_ready(&[]).is_some(), decode_peer(&[]).is_some(), decode_answer(&[]).is_some()] {
             assert!(!empty);
         }
@@ -232,6 +256,11 @@ pub(crate) mod tests {
             }
             if let Some(answer) = decode_answer(&bytes) {
                 let (back, len) = encode_answer(answer);
+                assert_eq!(back[..len], bytes[..]);
+            }
+            if let Some(peer) = decode_handback(&bytes) {
+                let mut back = [0; MAX_MESSAGE];
+                let len = encode_handback(&peer, &mut back);
                 assert_eq!(back[..len], bytes[..]);
             }
             if let Some(peer) = decode_peer(&bytes) {
