@@ -48,6 +48,7 @@ needs=(
     "curl           cmd:curl"        # the demo's suggested client; used by tests
     "procps         cmd:ps"          # tests check for left-over children with ps
     "apache2-utils  cmd:ab"          # load in the pool tests; the benchmark
+    "valgrind       cmd:valgrind"    # signals.test: trap scripts that delete interps, checked for reads of freed memory
 )
 if [ "$bench" = 1 ]; then
     needs+=(

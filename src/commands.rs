@@ -488,24 +488,28 @@ unsafe extern "C" fn on_signal_pipe(_data: ClientData, _mask: c_int) {
     let Ok(pipe) = process::trap_pipe() else { return };
     // try_with: never a panic here, where nothing would catch it (TRAPPERS is gone only while
     // the thread exits).
-    let listed = || TRAPPERS.try_with(|trappers| trappers.borrow().clone()).unwrap_or_default();
+    let listed = TRAPPERS.try_with(|trappers| trappers.borrow().clone()).unwrap_or_default();
+    // Every interp that traps now is held for the whole drain: a trap script that deletes an
+    // interp (its own or another's) leaves it deleted but not freed, with its state, until the
+    // end; and an interp created meanwhile (even at a freed one's address) is not in this list,
+    // so it hears only signals that arrive after it trapped them.
+    let held: Vec<(ffi::PreservedInterp, *const StateCell)> = listed
+        .into_iter()
+        // SAFETY: a listed interp is live: its state's Drop unlists it before the interp is freed.
+        .map(|(interp, cell)| (unsafe { ffi::PreservedInterp::new(interp) }, cell))
+        .collect();
     for signal in process::drain_signals(pipe) {
-        for (interp, cell) in listed() {
-            // A trap run before this one may have deleted the interp, freeing its state (once
-            // nothing preserves the interp): only an interp still listed has a live state.
-            if !listed().iter().any(|(i, _)| *i == interp) {
+        for (held, cell) in &held {
+            let interp = held.interp();
+            if ffi::interp_deleted(interp) {
                 continue;
             }
-            // SAFETY: the state is live while its interp is listed (its Drop unlists it).
-            let cell = unsafe { &*cell };
+            // SAFETY: the interp is preserved, so its assoc data (this state) is not freed yet.
+            let cell = unsafe { &**cell };
             ffi::guard_callback(interp, || {
                 let script = cell.borrow().traps.get(&signal).cloned();
                 if let Some(script) = script {
-                    if !ffi::interp_deleted(interp) {
-                        // Preserves the interp while the script runs; nothing here reads the
-                        // state after it returns.
-                        ffi::call_in_background(interp, &script, &[]);
-                    }
+                    ffi::call_in_background(interp, &script, &[]);
                 }
             });
         }

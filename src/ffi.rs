@@ -593,6 +593,31 @@ pub fn call_in_background(interp: *mut Tcl_Interp, prefix: &Obj, args: &[Obj]) {
     }
 }
 
+/// Holds an interp with `Tcl_Preserve` until dropped: while held, a deleted interp (and its
+/// assoc data, our state) is not freed, so [`interp_deleted`] can be asked of it.
+pub struct PreservedInterp(*mut Tcl_Interp);
+
+impl PreservedInterp {
+    /// # Safety
+    /// `interp` must be live (not yet freed), and the guard dropped in its thread.
+    pub unsafe fn new(interp: *mut Tcl_Interp) -> PreservedInterp {
+        // SAFETY: the caller guarantees interp is live.
+        unsafe { crate::tcl_stubs::Tcl_Preserve(interp as ClientData) };
+        PreservedInterp(interp)
+    }
+
+    pub fn interp(&self) -> *mut Tcl_Interp {
+        self.0
+    }
+}
+
+impl Drop for PreservedInterp {
+    fn drop(&mut self) {
+        // SAFETY: balances the Tcl_Preserve in new; this may free a deleted interp.
+        unsafe { crate::tcl_stubs::Tcl_Release(self.0 as ClientData) };
+    }
+}
+
 pub fn interp_deleted(interp: *mut Tcl_Interp) -> bool {
     // SAFETY: asking is allowed until the interp's memory is released, which the state owning
     // this pointer outlives (it is the interp's assoc data).
