@@ -219,6 +219,12 @@ fn is_socket_of(fd: BorrowedFd, family: &[AddressFamily], kind: SockType) -> boo
         .is_ok_and(|addr| addr.family().is_some_and(|f| family.contains(&f)))
 }
 
+/// Which open file `fd` is (st_dev, st_ino): the same for every fd of one socket, in any
+/// process, and different for any other socket.
+pub fn identity(fd: BorrowedFd) -> Option<(u64, u64)> {
+    nix::sys::stat::fstat(fd.as_raw_fd()).ok().map(|st| (st.st_dev, st.st_ino))
+}
+
 /// The pid of the process that made the other end of a Unix socket (SO_PEERCRED).
 pub fn peer_pid(fd: BorrowedFd) -> Option<i32> {
     getsockopt(&fd, sockopt::PeerCredentials).ok().map(|cred| cred.pid())

@@ -146,6 +146,10 @@ struct Trapped {
 static TRAPPED: Mutex<Option<HashMap<Signal, Trapped>>> = Mutex::new(None);
 
 fn with_trapped<T>(body: impl FnOnce(&mut HashMap<Signal, Trapped>) -> T) -> T {
+    // Inside a fork_safety section: a fork waits until no thread holds the lock, so a child never
+    // inherits it locked by a thread it does not have (its own first `trap` would hang forever).
+    // What the lock guards is brief and never blocks (a sigaction).
+    let _section = crate::fork_safety::CreateSection::enter();
     // A panic while holding the lock left the map consistent (every change is one insert or
     // remove), so a poisoned lock is still usable.
     let mut guard = TRAPPED.lock().unwrap_or_else(|poisoned| poisoned.into_inner());

@@ -110,6 +110,10 @@ pub struct Dispatcher {
     accept_paused_until: Option<Instant>,
     nonces: RandomState,
     nonce_count: u64,
+    /// The registration socket's two ends (see `fdpass::identity`): a worker may hand over a
+    /// copy of its end as a "link" (its SO_PEERCRED pid is the serving process's), which must be
+    /// refused, or the dispatcher would answer itself.
+    own_sockets: [Option<(u64, u64)>; 2],
 }
 
 fn errno(e: nix::errno::Errno) -> io::Error {
@@ -124,6 +128,7 @@ impl Dispatcher {
         control: ParentOnlyFd,
         queue_limit: usize,
         max_workers: usize,
+        own_sockets: [Option<(u64, u64)>; 2],
     ) -> io::Result<Dispatcher> {
         let section = CreateSection::enter();
         let epoll = EpollSet::new(&section)?;
@@ -158,6 +163,7 @@ impl Dispatcher {
             accept_paused_until: None,
             nonces: RandomState::new(),
             nonce_count: 0,
+            own_sockets,
         })
     }
 
@@ -280,6 +286,7 @@ impl Dispatcher {
                         if worker.note_taken(true) {
                             self.delivered += 1;
                         }
+                        let asked_ns = worker.asked_at(asked_ns);
                         self.ready.push(asked_ns, slot);
                     }
                 }
@@ -322,9 +329,10 @@ impl Dispatcher {
             worker.ready = false;
             let mut payload = [0u8; MAX_MESSAGE];
             let len = wire::encode_peer(&conn.peer, &mut payload);
+            let identity = fdpass::identity(conn.fd.as_fd());
             match fdpass::send_with_fds(worker.mailbox.as_fd(), &payload[..len], &[conn.fd.as_fd()]) {
                 // The message holds the connection now; our copy closes as conn drops.
-                Ok(()) => worker.sent(),
+                Ok(()) => worker.sent(identity),
                 Err(_) => {
                     // The worker has gone (or cannot take it): keep the connection for the next.
                     self.waiting.push_front(conn);
@@ -412,7 +420,14 @@ impl Dispatcher {
     /// Answers one registration whose fds have been received; `short`: the process has no fds
     /// to spare for it.
     fn register(&mut self, pid: i32, link: ParentOnlyFd, mailbox: ParentOnlyFd, peer: ParentOnlyFd, short: bool) {
-        if !fdpass::is_unix_seqpacket(link.as_fd()) {
+        // The three sockets must be three, none of them the registration socket (an answer
+        // sent on a copy of it would come back to this thread as a registration).
+        let ids = [&link, &mailbox, &peer].map(|fd| fdpass::identity(fd.as_fd()));
+        let distinct = ids.iter().all(|id| id.is_some() && !self.own_sockets.contains(id))
+            && ids[0] != ids[1]
+            && ids[0] != ids[2]
+            && ids[1] != ids[2];
+        if !distinct || !fdpass::is_unix_seqpacket(link.as_fd()) {
             self.refused += 1; // nowhere to answer
             return;
         }

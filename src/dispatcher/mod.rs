@@ -85,7 +85,9 @@ impl Server {
         let thread_control = section.adopt(thread_control)?;
         drop(section);
         let address = fdpass::local_addr(listener.as_fd())?;
-        let dispatcher = event_loop::Dispatcher::new(listener, registrar, thread_control, queue_limit, max_workers)?;
+        let own_sockets = [fdpass::identity(registration.as_fd()), fdpass::identity(registrar.as_fd())];
+        let dispatcher =
+            event_loop::Dispatcher::new(listener, registrar, thread_control, queue_limit, max_workers, own_sockets)?;
         let thread = std::thread::Builder::new()
             .name(format!("socketserver:{}", address.port()))
             .spawn(move || dispatcher.run())?;

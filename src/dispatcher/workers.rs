@@ -3,8 +3,9 @@
 //!
 //! Everything a worker sends is untrusted. A registration's fds must be AF_UNIX SOCK_SEQPACKET
 //! sockets, and the third must really be the mailbox's other end: a nonce sent into the mailbox
-//! must come out of it. What is read back from a dead worker's mailbox must be a TCP socket with
-//! a well-formed peer address, and at most the one connection the dispatcher had sent it.
+//! must come out of it. What is read back from a dead worker's mailbox must be the very socket
+//! the dispatcher had sent it (same inode), with a well-formed peer address: a worker can queue
+//! other sockets in its own mailbox, and those are closed, never handed to another worker.
 
 use super::control::{WorkerState, WorkerStatus};
 use crate::fdpass::{self, Received};
@@ -41,6 +42,12 @@ pub struct Worker {
     delivered: u64,
     /// A connection was sent and not yet counted as taken.
     sent_untaken: bool,
+    /// Which socket (see `fdpass::identity`) the connection last sent is: the only one that
+    /// read-back takes.
+    sent_identity: Option<(u64, u64)>,
+    /// No READY of this worker can have been sent before this (CLOCK_MONOTONIC ns): when it
+    /// registered or was last sent a connection.
+    asked_floor_ns: u64,
     /// When its current connection was handed over; None before the first or once ready again.
     busy_since: Option<Instant>,
 }
@@ -56,9 +63,17 @@ impl Worker {
         WorkerStatus { pid: self.pid, state, delivered: self.delivered, busy_ms }
     }
 
-    pub fn sent(&mut self) {
+    pub fn sent(&mut self, identity: Option<(u64, u64)>) {
         self.sent_untaken = true;
+        self.sent_identity = identity;
         self.busy_since = Some(Instant::now());
+        self.asked_floor_ns = fdpass::monotonic_ns();
+    }
+
+    /// When the worker says it asked, kept between when it could have asked and now: the stamp
+    /// orders the ready queue, and a worker must not jump it by lying (or by another clock).
+    pub fn asked_at(&self, claimed_ns: u64) -> u64 {
+        claimed_ns.clamp(self.asked_floor_ns, fdpass::monotonic_ns().max(self.asked_floor_ns))
     }
 
     pub fn asked(&mut self) {
@@ -91,7 +106,11 @@ impl Worker {
                 Ok(Received::Message(len, mut fds)) => {
                     let peer = wire::decode_peer(&buf[..len]);
                     let conn = match (fds.pop(), peer) {
-                        (Some(fd), Some(peer)) if fds.is_empty() && fdpass::is_tcp_stream(fd.as_fd()) => {
+                        (Some(fd), Some(peer))
+                            if fds.is_empty()
+                                && self.sent_identity.is_some()
+                                && fdpass::identity(fd.as_fd()) == self.sent_identity =>
+                        {
                             section.adopt(fd).ok().map(|fd| Connection { fd, peer })
                         }
                         _ => None,
@@ -138,6 +157,8 @@ impl Worker {
             ready: false,
             delivered: 0,
             sent_untaken: false,
+            sent_identity: None,
+            asked_floor_ns: fdpass::monotonic_ns(),
             busy_since: None,
         }
     }
