@@ -284,17 +284,21 @@ fn a_hand_back_that_is_not_a_tcp_connection_is_dropped() {
 fn a_worker_that_dies_right_after_a_hand_back_loses_nothing() {
     let server = start(Wait::Data, |_| {});
     let doomed = WorkerLink::register(server.registration.as_fd()).unwrap();
-    let (mut talker, conn) = tcp_pair();
-    let peer = talker.local_addr().unwrap();
-    hand_back(&doomed, conn.as_fd(), peer);
-    drop(conn);
-    drop(doomed); // its link closes at once: the dispatcher may see that before the hand-back
+    // More than the dispatcher reads from a mailbox per wake-up: some are still there when it
+    // sees the link close, and must be read then.
+    let pairs: Vec<(TcpStream, TcpStream)> = (0..48).map(|_| tcp_pair()).collect();
+    for (talker, conn) in &pairs {
+        hand_back(&doomed, conn.as_fd(), talker.local_addr().unwrap());
+    }
+    drop(doomed); // its link closes at once
+    let mut talkers: Vec<TcpStream> = pairs.into_iter().map(|(talker, _)| talker).collect();
     let snap = wait_for(&server, "the worker gone", |s| s.workers.is_empty());
-    assert_eq!((snap.parked, snap.park.handed_back), (1, 1));
+    assert_eq!((snap.parked, snap.park.handed_back, snap.dropped), (48, 48, 0));
     let mut survivor = ready_worker(&server);
-    talker.write_all(b"next").unwrap();
+    let last = talkers.last_mut().unwrap();
+    last.write_all(b"next").unwrap();
     let delivery = receive(&mut survivor);
-    assert_eq!(delivery.peer, peer);
+    assert_eq!(delivery.peer, last.local_addr().unwrap());
     let mut conn = TcpStream::from(delivery.fd);
     assert_eq!(read_n(&mut conn, 4), b"next");
 }
