@@ -144,14 +144,12 @@ pub fn socket_command(cell: &StateCell, objv: &[Obj], words: &[String]) -> CmdRe
 }
 
 fn server(state: &mut InterpState, rest: &[&str]) -> CmdResult<Obj> {
-    let parsed = args::parse_server(rest)?;
-    let port = parsed.address.port();
+    let config = args::parse_server(rest)?;
+    let port = config.address.port();
     if port != 0 && state.server(port).is_some_and(Server::is_owner) {
         return Ok(Obj::int(port.into()));
     }
-    // None: the default worker limit (-maxworkers, once args.rs parses it).
-    let server = Server::start(parsed.address, parsed.backlog, parsed.queue, parsed.max_workers)
-        .map_err(|e| posix("couldn't open socket", e))?;
+    let server = Server::start(config).map_err(|e| posix("couldn't open socket", e))?;
     let port = server.address.port();
     // A server inherited from the parent on the same port is replaced by this process's own.
     state.servers.retain(|(p, _)| *p != port);
@@ -297,8 +295,17 @@ pub fn info_command(cell: &StateCell, words: &[String]) -> CmdResult<Obj> {
         let snap = server.snapshot().map_err(|e| posix(&format!("socketserver on port {port}"), e))?;
         dict.extend([
             ("address", Obj::string(&server.address.ip().to_string())),
-            ("backlog", Obj::int(server.backlog.into())),
-            ("queue", Obj::int(server.queue_limit as i64)),
+            ("backlog", Obj::int(server.config.backlog.into())),
+            ("queue", Obj::int(server.config.queue_limit as i64)),
+            ("wait", Obj::string(server.config.wait.name())),
+            ("maxparked", Obj::int(server.config.max_parked.unwrap_or(0) as i64)),
+            ("parked", Obj::int(snap.parked as i64)),
+            ("parkedtotal", Obj::int(snap.park.parked_total as i64)),
+            ("handedback", Obj::int(snap.park.handed_back as i64)),
+            ("closedidle", Obj::int(snap.park.closed_idle as i64)),
+            ("closedheader", Obj::int(snap.park.closed_header as i64)),
+            ("closedpeer", Obj::int(snap.park.closed_peer as i64)),
+            ("evicted", Obj::int(snap.park.evicted as i64)),
             ("maxworkers", Obj::int(snap.max_workers.into())),
             ("refused", Obj::int(snap.refused as i64)),
             ("dropped", Obj::int(snap.dropped as i64)),
