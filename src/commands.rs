@@ -257,11 +257,18 @@ fn park(state: std::cell::RefMut<InterpState>, name: &str) -> CmdResult<Obj> {
     }
     // No record: a channel made otherwise over one of our connections (moved in from another
     // thread, say).
-    let peer = conn.delivered_peer().or_else(|| crate::fdpass::peer_addr(conn.fd()).ok()).unwrap_or(crate::wire::UNKNOWN_PEER);
+    let peer = conn
+        .delivered_peer()
+        .or_else(|| crate::fdpass::peer_addr(conn.fd()).ok())
+        .unwrap_or(crate::wire::UNKNOWN_PEER);
     let was_blocking = conn.is_blocking();
     // Blocking, so that the flush writes everything, a non-blocking channel's background flush
-    // included; the connection then also travels blocking, as an accepted one does.
-    let handed_back = conn.set_blocking(true).and_then(|()| conn.flush()).and_then(|()| slot.link.hand_back(conn.fd(), &peer));
+    // included (else Tcl would close the channel only once that is done, writing on meanwhile
+    // from here); the connection then also travels blocking, as an accepted one does.
+    let handed_back = conn
+        .set_blocking(true)
+        .and_then(|()| conn.flush())
+        .and_then(|()| slot.link.hand_back(conn.fd(), &peer));
     if let Err(err) = handed_back {
         let _ = conn.set_blocking(was_blocking);
         return Err(posix(&format!("couldn't park channel \"{name}\""), err));
