@@ -562,9 +562,8 @@ thread_local! {
     /// The peer that each channel of [`register_socket_channel`] was delivered with (which a
     /// PROXY header may make differ from getpeername's), by channel, until the channel closes:
     /// `park` hands it back with the connection. Per thread, as channels are, and keyed by the
-    /// channel rather than by an interp's name for it, so that the record follows a channel
-    /// moved to another interp (`interp transfer`), and the close handler that removes it needs
-    /// no interp's state (which may go first when an interp is deleted).
+    /// channel, so that the close handler that removes a record needs no interp's state (which
+    /// may be freed before the interp's channels close when the interp is deleted).
     static DELIVERED_PEERS: RefCell<HashMap<usize, SocketAddr>> = RefCell::new(HashMap::new());
 }
 
