@@ -116,9 +116,9 @@ fn posix(prefix: &str, err: io::Error) -> CmdError {
     }
 }
 
-/// `::socketserver::socket server|client|close ...`
+/// `::socketserver::socket server|client|close|park ...`
 pub fn socket_command(cell: &StateCell, objv: &[Obj], words: &[String]) -> CmdResult<Obj> {
-    const SUBCOMMANDS: [&str; 3] = ["client", "close", "server"];
+    const SUBCOMMANDS: [&str; 4] = ["client", "close", "park", "server"];
     let Some(sub) = words.get(1) else {
         return Err(CmdError::WrongArgs { words: 1, usage: "subcommand ?arg ...?" });
     };
@@ -135,6 +135,10 @@ pub fn socket_command(cell: &StateCell, objv: &[Obj], words: &[String]) -> CmdRe
             let port = args::parse_close(&rest)?;
             close(&mut state, port)
         }
+        "park" => match rest[..] {
+            [channel] => park(state, channel),
+            _ => Err(CmdError::WrongArgs { words: 2, usage: "channel" }),
+        },
         _ => server(&mut state, &rest),
     }
 }
@@ -217,6 +221,62 @@ fn close(state: &mut InterpState, port: u16) -> CmdResult<Obj> {
     let (_, server) = state.servers.remove(at);
     drop(server); // in the owning process: stops the dispatcher and closes the listener
     Ok(Obj::string(""))
+}
+
+/// `park channel`: hands the connection under `channel` back to the dispatcher, to be parked
+/// until its client sends more, and closes the channel (1); or refuses (0) and leaves it as it
+/// was, because Tcl has already read input ahead into it, which the dispatcher could not give
+/// the next worker. Output is flushed first, so no byte the worker wrote is lost.
+fn park(state: std::cell::RefMut<InterpState>, name: &str) -> CmdResult<Obj> {
+    let not_ours = || {
+        CmdError::new(
+            format!("channel \"{name}\" is not a connection of a socketserver this process serves"),
+            &["SOCKETSERVER", "PARK", "NOTOURS"],
+        )
+    };
+    let interp = state.interp;
+    let conn = ffi::TcpChannel::find(interp, name)?.ok_or_else(not_ours)?;
+    let port = crate::fdpass::local_addr(conn.fd()).map_err(|_| not_ours())?.port();
+    let slot = state.slots.get(&port).ok_or_else(not_ours)?;
+    if conn.is_stacked() {
+        return Err(CmdError::new(
+            format!("channel \"{name}\" has a transformation stacked on it"),
+            &["SOCKETSERVER", "PARK", "STACKED"],
+        ));
+    }
+    if conn.is_shared() {
+        // Closing it here would leave it open in the other interp, a second reader of the
+        // connection the dispatcher now holds.
+        return Err(CmdError::new(
+            format!("channel \"{name}\" is shared with another interpreter"),
+            &["SOCKETSERVER", "PARK", "SHARED"],
+        ));
+    }
+    if conn.has_buffered_input() {
+        return Ok(Obj::int(0));
+    }
+    // No record: a channel made otherwise over one of our connections (moved in from another
+    // thread, say).
+    let peer = conn
+        .delivered_peer()
+        .or_else(|| crate::fdpass::peer_addr(conn.fd()).ok())
+        .unwrap_or(crate::wire::UNKNOWN_PEER);
+    let was_blocking = conn.is_blocking();
+    // Blocking, so that the flush writes everything, a non-blocking channel's background flush
+    // included (else Tcl would close the channel only once that is done, writing on meanwhile
+    // from here); the connection then also travels blocking, as an accepted one does.
+    let handed_back = conn
+        .set_blocking(true)
+        .and_then(|()| conn.flush())
+        .and_then(|()| slot.link.hand_back(conn.fd(), &peer));
+    if let Err(err) = handed_back {
+        let _ = conn.set_blocking(was_blocking);
+        return Err(posix(&format!("couldn't park channel \"{name}\""), err));
+    }
+    // Closing runs close handlers: no borrow may be held by then.
+    drop(state);
+    conn.close(interp);
+    Ok(Obj::int(1))
 }
 
 /// `::socketserver::info ?port?`
@@ -323,7 +383,7 @@ fn deliver(cell: &StateCell, port: u16) {
     }
     // The dispatcher sends only to an armed worker, so there is always a handler.
     let Some(handler) = handler else { return };
-    let Some(chan) = ffi::register_socket_channel(interp, delivery.fd) else { return };
+    let Some(chan) = ffi::register_socket_channel(interp, delivery.fd, delivery.peer) else { return };
     let args = [
         Obj::string(&chan),
         Obj::string(&delivery.peer.ip().to_string()),
