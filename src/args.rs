@@ -1,13 +1,17 @@
 //! Argument parsing for the Tcl commands, with Tcl-style messages. No Tcl here.
 
+use crate::dispatcher::{ServerConfig, Wait};
 use std::net::{IpAddr, Ipv4Addr, SocketAddr, ToSocketAddrs};
+use std::time::Duration;
 
-pub const SERVER_USAGE: &str = "?-myaddr addr? ?-backlog n? ?-queue n? ?-maxworkers n? port";
+pub const SERVER_USAGE: &str = "?-myaddr addr? ?-backlog n? ?-queue n? ?-maxworkers n? ?-wait none|data|head? ?-delimiter bytes? ?-headsize n? ?-idletimeout ms? ?-headertimeout ms? ?-maxparked n? port";
 pub const CLIENT_USAGE: &str = "?-port port? handler";
 pub const CLOSE_USAGE: &str = "port";
 pub const INFO_USAGE: &str = "?port?";
 
-const DEFAULT_BACKLOG: u32 = 128;
+/// The largest `-headsize`: far above any real request head, and a bound on what the
+/// dispatcher peeks at once.
+pub const MAX_HEAD_SIZE: usize = 1 << 20;
 
 /// A command's failure, rendered into the interp result and errorCode by the FFI layer.
 #[derive(Debug, PartialEq, Eq)]
@@ -33,15 +37,6 @@ impl CmdError {
 
 pub type CmdResult<T> = Result<T, CmdError>;
 
-#[derive(Debug, PartialEq, Eq)]
-pub struct ServerArgs {
-    pub address: SocketAddr,
-    pub backlog: u32,
-    pub queue: usize,
-    /// `-maxworkers`: how many workers may register at once; None = the dispatcher's default.
-    pub max_workers: Option<usize>,
-}
-
 /// Finds `word` in `table` as Tcl_GetIndexFromObj does: an exact match, or else a prefix of
 /// exactly one entry (never the empty word). Otherwise the error says what `word` had to be, in
 /// Tcl's words (`bad option "-x": must be -a, -b, or -c`, or `ambiguous option ...`), with
@@ -56,7 +51,8 @@ pub fn lookup(word: &str, table: &[&str], what: &str) -> CmdResult<usize> {
         (Some((index, _)), None) if !word.is_empty() => return Ok(index),
         _ => {}
     }
-    let adjective = if second.is_some() { "ambiguous" } else { "bad" };
+    // An empty word is a prefix of every entry, yet Tcl calls it bad, not ambiguous.
+    let adjective = if second.is_some() && !word.is_empty() { "ambiguous" } else { "bad" };
     let text = format!("{adjective} {what} \"{word}\": {}", choices(table));
     Err(CmdError::new(text, &["TCL", "LOOKUP", "INDEX", what, word]))
 }
@@ -104,6 +100,34 @@ fn parse_count(word: &str) -> CmdResult<u32> {
     parse_decimal(word, "non-negative integer", "NUMBER")
 }
 
+/// Milliseconds (at most 2^32-1, about 49 days); 0 = never.
+fn parse_timeout(word: &str) -> CmdResult<Option<Duration>> {
+    let ms = parse_count(word)?;
+    Ok((ms > 0).then(|| Duration::from_millis(ms.into())))
+}
+
+fn parse_head_size(word: &str) -> CmdResult<usize> {
+    match parse_positive(word) {
+        Ok(n) if n <= MAX_HEAD_SIZE => Ok(n),
+        _ => Err(CmdError::new(
+            format!("expected positive integer up to {MAX_HEAD_SIZE} but got \"{word}\""),
+            &["TCL", "VALUE", "NUMBER"],
+        )),
+    }
+}
+
+/// A non-empty string of bytes: characters \x01-\xff, each one byte (as Tcl's binary strings).
+fn parse_delimiter(word: &str) -> CmdResult<Vec<u8>> {
+    let bytes: Option<Vec<u8>> = word.chars().map(|c| u8::try_from(c).ok().filter(|&b| b != 0)).collect();
+    match bytes {
+        Some(bytes) if !bytes.is_empty() => Ok(bytes),
+        _ => Err(CmdError::new(
+            format!("expected non-empty delimiter of bytes \\x01-\\xff but got \"{word}\""),
+            &["TCL", "VALUE", "DELIMITER"],
+        )),
+    }
+}
+
 fn resolve(host: &str) -> CmdResult<IpAddr> {
     if let Ok(ip) = host.parse::<IpAddr>() {
         return Ok(ip);
@@ -118,10 +142,13 @@ fn resolve(host: &str) -> CmdResult<IpAddr> {
     found.next().map(|a| a.ip()).ok_or_else(|| failed("no address found".into()))
 }
 
-/// `server ?-myaddr addr? ?-backlog n? ?-queue n? ?-maxworkers n? port` — `args` are the words
-/// after `server`.
-pub fn parse_server(args: &[&str]) -> CmdResult<ServerArgs> {
-    const OPTIONS: [&str; 4] = ["-backlog", "-maxworkers", "-myaddr", "-queue"];
+/// `server ?-option value ...? port` (see [`SERVER_USAGE`]) — `args` are the words after
+/// `server`.
+pub fn parse_server(args: &[&str]) -> CmdResult<ServerConfig> {
+    const OPTIONS: [&str; 10] = [
+        "-backlog", "-delimiter", "-headertimeout", "-headsize", "-idletimeout", "-maxparked", "-maxworkers",
+        "-myaddr", "-queue", "-wait",
+    ];
     let wrong = CmdError::WrongArgs { words: 2, usage: SERVER_USAGE };
     let Some((port, options)) = args.split_last() else { return Err(wrong) };
     if port.starts_with('-') && lookup(port, &OPTIONS, "option").is_ok() {
@@ -130,14 +157,22 @@ pub fn parse_server(args: &[&str]) -> CmdResult<ServerArgs> {
     if options.len() % 2 == 1 {
         return Err(wrong);
     }
-    let (mut host, mut backlog, mut queue, mut max_workers) = (None, DEFAULT_BACKLOG, 0, None);
+    let mut config = ServerConfig::new(SocketAddr::new(Ipv4Addr::UNSPECIFIED.into(), 0));
+    let mut host = None;
     for pair in options.chunks_exact(2) {
+        let value = pair[1];
         // The index into OPTIONS.
         match lookup(pair[0], &OPTIONS, "option")? {
-            0 => backlog = parse_count(pair[1])?,
-            1 => max_workers = Some(parse_positive(pair[1])?),
-            2 => host = Some(pair[1]),
-            _ => queue = parse_count(pair[1])? as usize,
+            0 => config.backlog = parse_count(value)?,
+            1 => config.delimiter = parse_delimiter(value)?,
+            2 => config.header_timeout = parse_timeout(value)?,
+            3 => config.head_size = parse_head_size(value)?,
+            4 => config.idle_timeout = parse_timeout(value)?,
+            5 => config.max_parked = Some(parse_positive(value)?),
+            6 => config.max_workers = Some(parse_positive(value)?),
+            7 => host = Some(value),
+            8 => config.queue_limit = parse_count(value)? as usize,
+            _ => config.wait = Wait::from_index(lookup(value, &Wait::NAMES, "wait mode")?).expect("a name's index"),
         }
     }
     let port = parse_port(port)?;
@@ -145,7 +180,8 @@ pub fn parse_server(args: &[&str]) -> CmdResult<ServerArgs> {
         Some(host) => resolve(host)?,
         None => Ipv4Addr::UNSPECIFIED.into(),
     };
-    Ok(ServerArgs { address: SocketAddr::new(ip, port), backlog, queue, max_workers })
+    config.address = SocketAddr::new(ip, port);
+    Ok(config)
 }
 
 /// `client ?-port port? handler` — returns the port, if given, and the handler word's index.
@@ -199,30 +235,86 @@ mod tests {
         }
     }
 
+    fn config(address: &str) -> ServerConfig {
+        ServerConfig::new(address.parse().unwrap())
+    }
+
     #[test]
     fn server_defaults_to_all_ipv4_addresses() {
         let parsed = parse_server(&["8080"]).unwrap();
-        let expected = ServerArgs { address: "0.0.0.0:8080".parse().unwrap(), backlog: 128, queue: 0, max_workers: None };
-        assert_eq!(parsed, expected);
+        assert_eq!(parsed, config("0.0.0.0:8080"));
+        assert_eq!((parsed.backlog, parsed.queue_limit, parsed.max_workers, parsed.wait), (128, 0, None, Wait::None));
+        assert_eq!((parsed.delimiter.as_slice(), parsed.head_size, parsed.max_parked), (&b"\r\n\r\n"[..], 16384, None));
+        assert_eq!(parsed.idle_timeout, Some(Duration::from_secs(60)));
+        assert_eq!(parsed.header_timeout, Some(Duration::from_secs(10)));
     }
 
     #[test]
     fn server_takes_options_before_the_port() {
         let parsed = parse_server(&["-myaddr", "::1", "-queue", "4", "-backlog", "9", "0"]).unwrap();
-        let expected = ServerArgs { address: "[::1]:0".parse().unwrap(), backlog: 9, queue: 4, max_workers: None };
+        let expected = ServerConfig { backlog: 9, queue_limit: 4, ..config("[::1]:0") };
         assert_eq!(parsed, expected);
         let parsed = parse_server(&["-maxworkers", "7", "-b", "3", "-q", "2", "-maxw", "1000", "80"]).unwrap();
-        let expected = ServerArgs { address: "0.0.0.0:80".parse().unwrap(), backlog: 3, queue: 2, max_workers: Some(1000) };
+        let expected = ServerConfig { backlog: 3, queue_limit: 2, max_workers: Some(1000), ..config("0.0.0.0:80") };
         assert_eq!(parsed, expected);
         let parsed = parse_server(&["-myaddr", "localhost", "0"]).unwrap();
         assert!(parsed.address.ip().is_loopback());
     }
 
     #[test]
+    fn server_takes_the_parking_options() {
+        let words = [
+            "-wait", "head", "-delimiter", "\n\n", "-heads", "100", "-idle", "0", "-headert", "250", "-maxp", "3", "80",
+        ];
+        let expected = ServerConfig {
+            wait: Wait::Head,
+            delimiter: b"\n\n".to_vec(),
+            head_size: 100,
+            idle_timeout: None,
+            header_timeout: Some(Duration::from_millis(250)),
+            max_parked: Some(3),
+            ..config("0.0.0.0:80")
+        };
+        assert_eq!(parse_server(&words).unwrap(), expected);
+        for (word, wait) in [("none", Wait::None), ("d", Wait::Data), ("head", Wait::Head)] {
+            assert_eq!(parse_server(&["-wait", word, "0"]).unwrap().wait, wait);
+        }
+        assert_eq!(parse_server(&["-delimiter", "\u{ff}|", "0"]).unwrap().delimiter, vec![0xff, b'|']);
+        assert_eq!(parse_server(&["-headsize", "1048576", "0"]).unwrap().head_size, MAX_HEAD_SIZE);
+        let forever = parse_server(&["-idletimeout", "4294967295", "0"]).unwrap().idle_timeout;
+        assert_eq!(forever, Some(Duration::from_millis(u32::MAX.into())));
+    }
+
+    #[test]
+    fn server_reports_bad_parking_options_in_tcl_style() {
+        let err = parse_server(&["-wait", "x", "80"]).unwrap_err();
+        let code = ["TCL", "LOOKUP", "INDEX", "wait mode", "x"].map(String::from).to_vec();
+        assert_eq!(err, CmdError::Message { text: "bad wait mode \"x\": must be none, data, or head".into(), code });
+        assert_eq!(text(parse_server(&["-wait", "", "80"]).unwrap_err()), "bad wait mode \"\": must be none, data, or head");
+        for bad in ["0", "-1", "1048577", "x"] {
+            let message = text(parse_server(&["-headsize", bad, "80"]).unwrap_err());
+            assert_eq!(message, format!("expected positive integer up to 1048576 but got \"{bad}\""));
+        }
+        for bad in ["", "\u{100}", "a\0"] {
+            let message = text(parse_server(&["-delimiter", bad, "80"]).unwrap_err());
+            assert_eq!(message, format!("expected non-empty delimiter of bytes \\x01-\\xff but got \"{bad}\""));
+        }
+        for option in ["-idletimeout", "-headertimeout"] {
+            let message = text(parse_server(&[option, "-5", "80"]).unwrap_err());
+            assert_eq!(message, "expected non-negative integer but got \"-5\"");
+            let message = text(parse_server(&[option, "4294967296", "80"]).unwrap_err());
+            assert_eq!(message, "expected non-negative integer but got \"4294967296\"");
+        }
+        assert_eq!(text(parse_server(&["-maxparked", "0", "80"]).unwrap_err()), "expected positive integer but got \"0\"");
+        assert_eq!(text(parse_server(&["-h", "1", "80"]).unwrap_err()).split(':').next(), Some("ambiguous option \"-h\""));
+        assert_eq!(text(parse_server(&["-wait", "data", "-wait"]).unwrap_err()), "value for \"-wait\" missing");
+    }
+
+    #[test]
     fn server_reports_bad_arguments_in_tcl_style() {
         assert_eq!(parse_server(&[]), Err(CmdError::WrongArgs { words: 2, usage: SERVER_USAGE }));
         assert_eq!(parse_server(&["1", "2"]), Err(CmdError::WrongArgs { words: 2, usage: SERVER_USAGE }));
-        let all = "-backlog, -maxworkers, -myaddr, or -queue";
+        let all = "-backlog, -delimiter, -headertimeout, -headsize, -idletimeout, -maxparked, -maxworkers, -myaddr, -queue, or -wait";
         assert_eq!(text(parse_server(&["-x", "1", "80"]).unwrap_err()), format!("bad option \"-x\": must be {all}"));
         assert_eq!(text(parse_server(&["-m", "1", "80"]).unwrap_err()), format!("ambiguous option \"-m\": must be {all}"));
         assert_eq!(text(parse_server(&["-maxworkers", "-1", "80"]).unwrap_err()), "expected positive integer but got \"-1\"");

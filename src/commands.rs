@@ -116,9 +116,9 @@ fn posix(prefix: &str, err: io::Error) -> CmdError {
     }
 }
 
-/// `::socketserver::socket server|client|close ...`
+/// `::socketserver::socket server|client|close|park ...`
 pub fn socket_command(cell: &StateCell, objv: &[Obj], words: &[String]) -> CmdResult<Obj> {
-    const SUBCOMMANDS: [&str; 3] = ["client", "close", "server"];
+    const SUBCOMMANDS: [&str; 4] = ["client", "close", "park", "server"];
     let Some(sub) = words.get(1) else {
         return Err(CmdError::WrongArgs { words: 1, usage: "subcommand ?arg ...?" });
     };
@@ -135,19 +135,21 @@ pub fn socket_command(cell: &StateCell, objv: &[Obj], words: &[String]) -> CmdRe
             let port = args::parse_close(&rest)?;
             close(&mut state, port)
         }
+        "park" => match rest[..] {
+            [channel] => park(state, channel),
+            _ => Err(CmdError::WrongArgs { words: 2, usage: "channel" }),
+        },
         _ => server(&mut state, &rest),
     }
 }
 
 fn server(state: &mut InterpState, rest: &[&str]) -> CmdResult<Obj> {
-    let parsed = args::parse_server(rest)?;
-    let port = parsed.address.port();
+    let config = args::parse_server(rest)?;
+    let port = config.address.port();
     if port != 0 && state.server(port).is_some_and(Server::is_owner) {
         return Ok(Obj::int(port.into()));
     }
-    // None: the default worker limit (-maxworkers, once args.rs parses it).
-    let server = Server::start(parsed.address, parsed.backlog, parsed.queue, parsed.max_workers)
-        .map_err(|e| posix("couldn't open socket", e))?;
+    let server = Server::start(config).map_err(|e| posix("couldn't open socket", e))?;
     let port = server.address.port();
     // A server inherited from the parent on the same port is replaced by this process's own.
     state.servers.retain(|(p, _)| *p != port);
@@ -221,6 +223,49 @@ fn close(state: &mut InterpState, port: u16) -> CmdResult<Obj> {
     Ok(Obj::string(""))
 }
 
+/// `park channel`: hands the connection under `channel` back to the dispatcher, to be parked
+/// until its client sends more, and closes the channel (1); or refuses (0) and leaves it as it
+/// was, because Tcl has already read input ahead into it, which the dispatcher could not give
+/// the next worker. Output is flushed first, so no byte the worker wrote is lost.
+fn park(state: std::cell::RefMut<InterpState>, name: &str) -> CmdResult<Obj> {
+    let not_ours = || {
+        CmdError::new(
+            format!("channel \"{name}\" is not a connection of a socketserver this process serves"),
+            &["SOCKETSERVER", "PARK", "NOTOURS"],
+        )
+    };
+    let interp = state.interp;
+    let conn = ffi::TcpChannel::find(interp, name)?.ok_or_else(not_ours)?;
+    let port = crate::fdpass::local_addr(conn.fd()).map_err(|_| not_ours())?.port();
+    let slot = state.slots.get(&port).ok_or_else(not_ours)?;
+    if conn.is_shared() {
+        // Closing it here would leave it open in the other interp, a second reader of the
+        // connection the dispatcher now holds.
+        return Err(CmdError::new(
+            format!("channel \"{name}\" is shared with another interpreter"),
+            &["SOCKETSERVER", "PARK", "SHARED"],
+        ));
+    }
+    if conn.has_buffered_input() {
+        return Ok(Obj::int(0));
+    }
+    // No record: a channel made otherwise over one of our connections (moved in from another
+    // thread, say).
+    let peer = conn.delivered_peer().or_else(|| crate::fdpass::peer_addr(conn.fd()).ok()).unwrap_or(crate::wire::UNKNOWN_PEER);
+    let was_blocking = conn.is_blocking();
+    // Blocking, so that the flush writes everything, a non-blocking channel's background flush
+    // included; the connection then also travels blocking, as an accepted one does.
+    let handed_back = conn.set_blocking(true).and_then(|()| conn.flush()).and_then(|()| slot.link.hand_back(conn.fd(), &peer));
+    if let Err(err) = handed_back {
+        let _ = conn.set_blocking(was_blocking);
+        return Err(posix(&format!("couldn't park channel \"{name}\""), err));
+    }
+    // Closing runs close handlers: no borrow may be held by then.
+    drop(state);
+    conn.close(interp);
+    Ok(Obj::int(1))
+}
+
 /// `::socketserver::info ?port?`
 pub fn info_command(cell: &StateCell, words: &[String]) -> CmdResult<Obj> {
     let rest: Vec<&str> = words[1..].iter().map(String::as_str).collect();
@@ -244,8 +289,17 @@ pub fn info_command(cell: &StateCell, words: &[String]) -> CmdResult<Obj> {
         let snap = server.snapshot().map_err(|e| posix(&format!("socketserver on port {port}"), e))?;
         dict.extend([
             ("address", Obj::string(&server.address.ip().to_string())),
-            ("backlog", Obj::int(server.backlog.into())),
-            ("queue", Obj::int(server.queue_limit as i64)),
+            ("backlog", Obj::int(server.config.backlog.into())),
+            ("queue", Obj::int(server.config.queue_limit as i64)),
+            ("wait", Obj::string(server.config.wait.name())),
+            ("maxparked", Obj::int(server.config.max_parked.unwrap_or(0) as i64)),
+            ("parked", Obj::int(snap.parked as i64)),
+            ("parkedtotal", Obj::int(snap.park.parked_total as i64)),
+            ("handedback", Obj::int(snap.park.handed_back as i64)),
+            ("closedidle", Obj::int(snap.park.closed_idle as i64)),
+            ("closedheader", Obj::int(snap.park.closed_header as i64)),
+            ("closedpeer", Obj::int(snap.park.closed_peer as i64)),
+            ("evicted", Obj::int(snap.park.evicted as i64)),
             ("maxworkers", Obj::int(snap.max_workers.into())),
             ("refused", Obj::int(snap.refused as i64)),
             ("dropped", Obj::int(snap.dropped as i64)),
@@ -316,7 +370,7 @@ fn deliver(cell: &StateCell, port: u16) {
     }
     // The dispatcher sends only to an armed worker, so there is always a handler.
     let Some(handler) = handler else { return };
-    let Some(chan) = ffi::register_socket_channel(interp, delivery.fd) else { return };
+    let Some(chan) = ffi::register_socket_channel(interp, delivery.fd, delivery.peer) else { return };
     let args = [
         Obj::string(&chan),
         Obj::string(&delivery.peer.ip().to_string()),

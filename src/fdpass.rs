@@ -262,6 +262,12 @@ pub fn local_addr(fd: BorrowedFd) -> io::Result<SocketAddr> {
     storage_to_std(&addr).ok_or_else(|| io::Error::from_raw_os_error(libc::EAFNOSUPPORT))
 }
 
+/// The address of a connected socket's peer.
+pub fn peer_addr(fd: BorrowedFd) -> io::Result<SocketAddr> {
+    let addr: SockaddrStorage = socket::getpeername(fd.as_raw_fd()).map_err(errno)?;
+    storage_to_std(&addr).ok_or_else(|| io::Error::from_raw_os_error(libc::EAFNOSUPPORT))
+}
+
 fn storage_to_std(addr: &SockaddrStorage) -> Option<SocketAddr> {
     if let Some(v4) = addr.as_sockaddr_in() {
         return Some(SocketAddrV4::new(v4.ip(), v4.port()).into());

@@ -10,8 +10,11 @@ use crate::args::CmdError;
 use crate::notifier::{self, Callback};
 use crate::tcl_stubs::{ClientData, Tcl_Interp, Tcl_Obj};
 use std::cell::RefCell;
+use std::collections::HashMap;
 use std::ffi::{c_char, c_int, CStr, CString};
 use nix::sys::socket::{getsockopt, sockopt};
+use std::io;
+use std::net::SocketAddr;
 use std::os::fd::{BorrowedFd, IntoRawFd, OwnedFd, RawFd};
 use std::panic::{catch_unwind, AssertUnwindSafe};
 use std::ptr::NonNull;
@@ -417,13 +420,19 @@ fn interp_channels(interp: *mut Tcl_Interp) -> Vec<(String, crate::tcl_stubs::Tc
     channels
 }
 
-/// A TCP socket that listens or is still connecting (`socket -async`).
-fn unmovable(chan: crate::tcl_stubs::Tcl_Channel) -> bool {
+/// True for a channel of Tcl's TCP socket driver (`socket`, `socket -server`, and the channels
+/// socketserver delivers); a channel stacked on one (`tls::import`) has its own type.
+fn is_tcp_driver(chan: crate::tcl_stubs::Tcl_Channel) -> bool {
     // SAFETY: chan is a live channel; its type is static data of its driver.
-    let is_tcp = unsafe {
+    unsafe {
         let kind = crate::tcl_stubs::Tcl_GetChannelType(chan);
         !kind.is_null() && !(*kind).typeName.is_null() && CStr::from_ptr((*kind).typeName) == c"tcp"
-    };
+    }
+}
+
+/// A TCP socket that listens or is still connecting (`socket -async`).
+fn unmovable(chan: crate::tcl_stubs::Tcl_Channel) -> bool {
+    let is_tcp = is_tcp_driver(chan);
     let listening = channel_fds(chan).into_iter().any(|fd| {
         // SAFETY: fd is the channel's open fd, borrowed only for this call.
         let fd = unsafe { BorrowedFd::borrow_raw(fd) };
@@ -549,8 +558,19 @@ pub fn delete_timer(token: crate::tcl_stubs::Tcl_TimerToken) {
     unsafe { crate::tcl_stubs::Tcl_DeleteTimerHandler(token) };
 }
 
-/// Wraps a connected TCP socket as a Tcl `sock` channel registered in `interp`; returns its name.
-pub fn register_socket_channel(interp: *mut Tcl_Interp, fd: OwnedFd) -> Option<String> {
+thread_local! {
+    /// The peer that each channel of [`register_socket_channel`] was delivered with (which a
+    /// PROXY header may make differ from getpeername's), by channel, until the channel closes:
+    /// `park` hands it back with the connection. Per thread, as channels are, and keyed by the
+    /// channel rather than by an interp's name for it, so that the record follows a channel
+    /// moved to another interp (`interp transfer`), and the close handler that removes it needs
+    /// no interp's state (which may go first when an interp is deleted).
+    static DELIVERED_PEERS: RefCell<HashMap<usize, SocketAddr>> = RefCell::new(HashMap::new());
+}
+
+/// Wraps a connected TCP socket, delivered with `peer`, as a Tcl `sock` channel registered in
+/// `interp`; returns its name.
+pub fn register_socket_channel(interp: *mut Tcl_Interp, fd: OwnedFd, peer: SocketAddr) -> Option<String> {
     let raw = fd.into_raw_fd();
     // SAFETY: raw is a connected TCP socket that we own; Tcl takes ownership (closing it when
     // the channel closes). ClientData carries the fd number, as Tcl's own code does (INT2PTR).
@@ -560,10 +580,114 @@ pub fn register_socket_channel(interp: *mut Tcl_Interp, fd: OwnedFd) -> Option<S
         drop(unsafe { <OwnedFd as std::os::fd::FromRawFd>::from_raw_fd(raw) });
         return None;
     }
-    // SAFETY: chan is the live channel just created; registering gives interp a reference.
+    let _ = DELIVERED_PEERS.try_with(|peers| peers.borrow_mut().insert(chan as usize, peer));
+    // SAFETY: chan is the live channel just created; registering gives interp a reference. The
+    // close handler's data is the channel's address, a plain key (never dereferenced).
     unsafe {
+        crate::tcl_stubs::Tcl_CreateCloseHandler(chan, Some(forget_delivered_peer), chan as ClientData);
         crate::tcl_stubs::Tcl_RegisterChannel(interp, chan);
         Some(CStr::from_ptr(crate::tcl_stubs::Tcl_GetChannelName(chan) as *const c_char).to_string_lossy().into_owned())
+    }
+}
+
+/// A delivered channel's close handler: its record goes with it.
+unsafe extern "C" fn forget_delivered_peer(chan: ClientData) {
+    // try_with: the thread may be exiting (its channels close after its thread-locals).
+    let _ = DELIVERED_PEERS.try_with(|peers| peers.borrow_mut().remove(&(chan as usize)));
+}
+
+/// The channel named `name` in `interp`, or Tcl's own error for a name it does not know.
+fn find_channel(interp: *mut Tcl_Interp, name: &str) -> Result<crate::tcl_stubs::Tcl_Channel, CmdError> {
+    let cname = CString::new(name).unwrap_or_default();
+    // SAFETY: interp is live during its command; a null mode pointer is allowed.
+    let chan = unsafe { crate::tcl_stubs::Tcl_GetChannel(interp, cname.as_ptr(), std::ptr::null_mut()) };
+    if chan.is_null() {
+        return Err(CmdError::new(format!("can not find channel named \"{name}\""), &["TCL", "LOOKUP", "CHANNEL", name]));
+    }
+    Ok(chan)
+}
+
+/// A socket channel over a TCP connection, found by name for one command, which must not let
+/// any script run (one could close it) while it holds this.
+pub struct TcpChannel {
+    chan: crate::tcl_stubs::Tcl_Channel,
+    fd: RawFd,
+}
+
+impl TcpChannel {
+    /// The channel named `name` in `interp` if it is a channel of Tcl's TCP driver over a TCP
+    /// connection (the kind socketserver delivers); `None` if it is another kind of channel.
+    pub fn find(interp: *mut Tcl_Interp, name: &str) -> Result<Option<TcpChannel>, CmdError> {
+        let chan = find_channel(interp, name)?;
+        if !is_tcp_driver(chan) {
+            return Ok(None);
+        }
+        let [fd] = channel_fds(chan)[..] else { return Ok(None) };
+        // SAFETY: fd is the channel's open fd, borrowed only for this call.
+        let is_tcp = crate::fdpass::is_tcp_stream(unsafe { BorrowedFd::borrow_raw(fd) });
+        Ok(is_tcp.then_some(TcpChannel { chan, fd }))
+    }
+
+    pub fn fd(&self) -> BorrowedFd<'_> {
+        // SAFETY: the channel owns fd and stays open while self lives (see the struct), and
+        // `close` consumes self.
+        unsafe { BorrowedFd::borrow_raw(self.fd) }
+    }
+
+    /// The peer the channel was delivered with, if [`register_socket_channel`] made it.
+    pub fn delivered_peer(&self) -> Option<SocketAddr> {
+        DELIVERED_PEERS.try_with(|peers| peers.borrow().get(&(self.chan as usize)).copied()).ok().flatten()
+    }
+
+    /// True if the channel is registered in more than one interp.
+    pub fn is_shared(&self) -> bool {
+        // SAFETY: chan is live (see the struct).
+        unsafe { crate::tcl_stubs::Tcl_IsChannelShared(self.chan) != 0 }
+    }
+
+    /// True if Tcl has read input ahead into the channel's buffers that no command has taken.
+    pub fn has_buffered_input(&self) -> bool {
+        // SAFETY: chan is live (see the struct).
+        unsafe { crate::tcl_stubs::Tcl_InputBuffered(self.chan) > 0 }
+    }
+
+    pub fn is_blocking(&self) -> bool {
+        channel_option(self.chan, c"-blocking").as_deref() != Some("0")
+    }
+
+    /// `fconfigure -blocking`: also the fd's O_NONBLOCK, which every copy of the fd shares.
+    pub fn set_blocking(&self, blocking: bool) -> io::Result<()> {
+        let value = if blocking { c"1" } else { c"0" };
+        // SAFETY: chan is live (see the struct); a null interp is allowed; Tcl sets errno when
+        // the driver fails.
+        unsafe {
+            if crate::tcl_stubs::Tcl_SetChannelOption(std::ptr::null_mut(), self.chan, c"-blocking".as_ptr(), value.as_ptr()) == TCL_OK {
+                Ok(())
+            } else {
+                Err(io::Error::from_raw_os_error(crate::tcl_stubs::Tcl_GetErrno()))
+            }
+        }
+    }
+
+    /// Writes out what is buffered for output: all of it if the channel is blocking.
+    pub fn flush(&self) -> io::Result<()> {
+        // SAFETY: chan is live (see the struct); Tcl sets errno when the write fails.
+        unsafe {
+            if crate::tcl_stubs::Tcl_Flush(self.chan) == TCL_OK {
+                Ok(())
+            } else {
+                Err(io::Error::from_raw_os_error(crate::tcl_stubs::Tcl_GetErrno()))
+            }
+        }
+    }
+
+    /// Closes the channel as `close` does in `interp`, the only interp it is registered in:
+    /// close handlers and `onclose` scripts run; the fd is closed.
+    pub fn close(self, interp: *mut Tcl_Interp) {
+        // SAFETY: interp is live and holds the channel, which is live (see the struct). The
+        // result is ignored: with nothing left to flush, only the driver's close(2) can fail,
+        // and then the fd is gone all the same.
+        unsafe { crate::tcl_stubs::Tcl_UnregisterChannel(interp, self.chan) };
     }
 }
 
@@ -630,12 +754,7 @@ struct CloseEvent {
 /// named `name` has closed. It runs as a queued event, not inside the close itself, and never
 /// once `interp` has been deleted.
 pub fn run_when_closed(interp: *mut Tcl_Interp, name: &str, script: Obj) -> Result<(), CmdError> {
-    let cname = CString::new(name).unwrap_or_default();
-    // SAFETY: interp is live during its command; a null mode pointer is allowed.
-    let chan = unsafe { crate::tcl_stubs::Tcl_GetChannel(interp, cname.as_ptr(), std::ptr::null_mut()) };
-    if chan.is_null() {
-        return Err(CmdError::new(format!("can not find channel named \"{name}\""), &["TCL", "LOOKUP", "CHANNEL", name]));
-    }
+    let chan = find_channel(interp, name)?;
     let size = std::mem::size_of::<CloseEvent>() as u32;
     // SAFETY: Tcl_Alloc returns memory aligned for any type (or panics Tcl on failure); every
     // field is written before the pointer is handed out. The block lives until the event has run

@@ -104,6 +104,7 @@ stub_functions! {
     Tcl_DuplicateObj = tcl_DuplicateObj(obj: *mut Tcl_Obj) -> *mut Tcl_Obj;
     Tcl_EvalObjEx = tcl_EvalObjEx(interp: *mut Tcl_Interp, obj: *mut Tcl_Obj, flags: c_int) -> c_int;
     Tcl_EvalObjv = tcl_EvalObjv(interp: *mut Tcl_Interp, objc: c_int, objv: *const *mut Tcl_Obj, flags: c_int) -> c_int;
+    Tcl_Flush = tcl_Flush(chan: Tcl_Channel) -> c_int;
     Tcl_Free = tcl_Free(ptr: *mut c_char);
     Tcl_GetAssocData = tcl_GetAssocData(interp: *mut Tcl_Interp, name: *const c_char, proc_ptr: *mut Tcl_InterpDeleteProc) -> ClientData;
     Tcl_GetChannel = tcl_GetChannel(interp: *mut Tcl_Interp, chan_name: *const c_char, mode_ptr: *mut c_int) -> Tcl_Channel;
@@ -112,11 +113,14 @@ stub_functions! {
     Tcl_GetChannelNamesEx = tcl_GetChannelNamesEx(interp: *mut Tcl_Interp, pattern: *const c_char) -> c_int;
     Tcl_GetChannelOption = tcl_GetChannelOption(interp: *mut Tcl_Interp, chan: Tcl_Channel, option_name: *const c_char, ds: *mut Tcl_DString) -> c_int;
     Tcl_GetChannelType = tcl_GetChannelType(chan: Tcl_Channel) -> *const Tcl_ChannelType;
+    Tcl_GetErrno = tcl_GetErrno() -> c_int;
     Tcl_GetMaster = tcl_GetMaster(interp: *mut Tcl_Interp) -> *mut Tcl_Interp;
     Tcl_GetObjResult = tcl_GetObjResult(interp: *mut Tcl_Interp) -> *mut Tcl_Obj;
     Tcl_GetSlave = tcl_GetSlave(interp: *mut Tcl_Interp, name: *const c_char) -> *mut Tcl_Interp;
     Tcl_GetStringFromObj = tcl_GetStringFromObj(obj: *mut Tcl_Obj, length_ptr: *mut c_int) -> *mut c_char;
+    Tcl_InputBuffered = tcl_InputBuffered(chan: Tcl_Channel) -> c_int;
     Tcl_InterpDeleted = tcl_InterpDeleted(interp: *mut Tcl_Interp) -> c_int;
+    Tcl_IsChannelShared = tcl_IsChannelShared(channel: Tcl_Channel) -> c_int;
     Tcl_ListObjAppendElement = tcl_ListObjAppendElement(interp: *mut Tcl_Interp, list: *mut Tcl_Obj, obj: *mut Tcl_Obj) -> c_int;
     Tcl_ListObjGetElements = tcl_ListObjGetElements(interp: *mut Tcl_Interp, list: *mut Tcl_Obj, objc_ptr: *mut c_int, objv_ptr: *mut *mut *mut Tcl_Obj) -> c_int;
     Tcl_ListObjLength = tcl_ListObjLength(interp: *mut Tcl_Interp, list: *mut Tcl_Obj, length_ptr: *mut c_int) -> c_int;
@@ -133,10 +137,12 @@ stub_functions! {
     Tcl_RestoreInterpState = tcl_RestoreInterpState(interp: *mut Tcl_Interp, state: Tcl_InterpState) -> c_int;
     Tcl_SaveInterpState = tcl_SaveInterpState(interp: *mut Tcl_Interp, status: c_int) -> Tcl_InterpState;
     Tcl_SetAssocData = tcl_SetAssocData(interp: *mut Tcl_Interp, name: *const c_char, proc_: Tcl_InterpDeleteProc, client_data: ClientData);
+    Tcl_SetChannelOption = tcl_SetChannelOption(interp: *mut Tcl_Interp, chan: Tcl_Channel, option_name: *const c_char, new_value: *const c_char) -> c_int;
     Tcl_SetErrno = tcl_SetErrno(err: c_int);
     Tcl_SetNotifier = tcl_SetNotifier(procs: *mut Tcl_NotifierProcs);
     Tcl_SetObjErrorCode = tcl_SetObjErrorCode(interp: *mut Tcl_Interp, error_obj: *mut Tcl_Obj);
     Tcl_SetObjResult = tcl_SetObjResult(interp: *mut Tcl_Interp, result_obj: *mut Tcl_Obj);
+    Tcl_UnregisterChannel = tcl_UnregisterChannel(interp: *mut Tcl_Interp, chan: Tcl_Channel) -> c_int;
     Tcl_WrongNumArgs = tcl_WrongNumArgs(interp: *mut Tcl_Interp, objc: c_int, objv: *const *mut Tcl_Obj, message: *const c_char);
 }
 

@@ -12,6 +12,10 @@ use std::time::{Duration, Instant};
 /// How long registering may wait for room in the registration socket and for the answer.
 const REGISTER_TIMEOUT: Duration = Duration::from_secs(5);
 
+/// How long a hand-back may wait for room in the mailbox (the dispatcher reads it at once unless
+/// it is wedged).
+const HANDBACK_TIMEOUT: Duration = Duration::from_secs(5);
+
 /// A connection handed over by the dispatcher.
 #[derive(Debug)]
 pub struct Delivery {
@@ -53,16 +57,9 @@ impl WorkerLink {
         let message = wire::encode_registration(std::process::id() as i32);
         let fds = [dispatcher_link.as_fd(), dispatcher_mailbox.as_fd(), mailbox.as_fd()];
         let deadline = Instant::now() + REGISTER_TIMEOUT;
-        loop {
-            match fdpass::send_with_fds(registration, &message, &fds) {
-                // The registration socket's queue is short (net.unix.max_dgram_qlen, 10 by
-                // default): when many workers start at once, wait until there is room again.
-                Err(e) if e.kind() == io::ErrorKind::WouldBlock => {
-                    fdpass::wait_writable(registration, deadline.saturating_duration_since(Instant::now()))?;
-                }
-                sent => break sent?,
-            }
-        }
+        // The registration socket's queue is short (net.unix.max_dgram_qlen, 10 by default):
+        // when many workers start at once, this waits until there is room again.
+        send_when_room(registration, &message, &fds, deadline)?;
         // Our copies of the dispatcher's ends must go, or its closing them would not show here.
         drop((dispatcher_link, dispatcher_mailbox));
         let mut buf = [0u8; MAX_MESSAGE];
@@ -131,9 +128,32 @@ impl WorkerLink {
 }
 
 impl WorkerLink {
+    /// Gives a connection back to the dispatcher, to be parked until its client sends more:
+    /// `conn` travels in a hand-back on this worker's end of its mailbox, with `peer`, the address
+    /// it was delivered with. The caller still owns `conn` and closes its copy afterwards.
+    /// Waits at most [`HANDBACK_TIMEOUT`] for room (ETIMEDOUT); EPIPE: the server has closed.
+    pub fn hand_back(&self, conn: BorrowedFd, peer: &SocketAddr) -> io::Result<()> {
+        let mut message = [0u8; MAX_MESSAGE];
+        let len = wire::encode_handback(peer, &mut message);
+        send_when_room(self.mailbox.as_fd(), &message[..len], &[conn], Instant::now() + HANDBACK_TIMEOUT)
+    }
+
     /// True if this process could take one more fd now (a delivered connection needs one).
     pub fn has_free_fd(&self) -> bool {
         fdpass::has_free_fds(self.mailbox.as_fd(), 1)
+    }
+}
+
+/// Sends one message with `fds` on `sock`, waiting for room in the peer's queue until `deadline`
+/// (then ETIMEDOUT).
+fn send_when_room(sock: BorrowedFd, message: &[u8], fds: &[BorrowedFd], deadline: Instant) -> io::Result<()> {
+    loop {
+        match fdpass::send_with_fds(sock, message, fds) {
+            Err(e) if e.kind() == io::ErrorKind::WouldBlock => {
+                fdpass::wait_writable(sock, deadline.saturating_duration_since(Instant::now()))?;
+            }
+            sent => return sent,
+        }
     }
 }
 
@@ -148,5 +168,89 @@ impl AsFd for WorkerLink {
 impl AsRawFd for WorkerLink {
     fn as_raw_fd(&self) -> RawFd {
         self.mailbox.as_raw_fd()
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use std::io::{Read, Write};
+    use std::net::{TcpListener, TcpStream};
+
+    /// A registered worker's link, made by hand: the worker's ends, and the dispatcher's
+    /// mailbox end.
+    fn registered() -> (WorkerLink, OwnedFd) {
+        let (link, _dispatcher_link) = fdpass::seqpacket_pair().unwrap();
+        let (mailbox, dispatcher_mailbox) = fdpass::seqpacket_pair().unwrap();
+        let worker = WorkerLink { link, mailbox, armed: false, generation: crate::fork_safety::generation() };
+        (worker, dispatcher_mailbox)
+    }
+
+    #[test]
+    fn a_hand_back_arrives_on_the_dispatchers_mailbox_end_with_the_connection_and_its_peer() {
+        let (worker, dispatcher_mailbox) = registered();
+        let listener = TcpListener::bind("127.0.0.1:0").unwrap();
+        let mut client = TcpStream::connect(listener.local_addr().unwrap()).unwrap();
+        let (conn, _) = listener.accept().unwrap();
+        // The peer as delivered, which need not be getpeername's (a PROXY header's, say).
+        let delivered: SocketAddr = "[2001:db8::7]:4711".parse().unwrap();
+        worker.hand_back(conn.as_fd(), &delivered).unwrap();
+        drop(conn); // the worker closes its copy; the connection lives on in the message
+        let mut buf = [0u8; MAX_MESSAGE];
+        let Received::Message(len, mut fds) = fdpass::recv_with_fds(dispatcher_mailbox.as_fd(), &mut buf).unwrap() else {
+            panic!("expected the hand-back")
+        };
+        assert_eq!(wire::decode_handback(&buf[..len]), Some(delivered));
+        assert_eq!(fds.len(), 1);
+        let mut parked = TcpStream::from(fds.pop().unwrap());
+        client.write_all(b"next request").unwrap();
+        let mut got = [0u8; 12];
+        parked.read_exact(&mut got).unwrap();
+        assert_eq!(&got, b"next request", "the same connection, still open");
+        parked.write_all(b"reply").unwrap();
+        let mut reply = [0u8; 5];
+        client.read_exact(&mut reply).unwrap();
+        assert_eq!(&reply, b"reply");
+    }
+
+    #[test]
+    fn a_hand_back_waits_for_room_in_a_full_mailbox() {
+        let (worker, dispatcher_mailbox) = registered();
+        let mut queued = 0;
+        while fdpass::send_message(worker.mailbox.as_fd(), b"x").is_ok() {
+            queued += 1;
+            assert!(queued < 100_000, "the mailbox never fills");
+        }
+        let reader = std::thread::spawn(move || {
+            std::thread::sleep(Duration::from_millis(20));
+            // Exactly the fillers: the hand-back may arrive while they are read.
+            let mut buf = [0u8; MAX_MESSAGE];
+            for _ in 0..queued {
+                let filler = fdpass::recv_with_fds(dispatcher_mailbox.as_fd(), &mut buf);
+                assert!(matches!(filler, Ok(Received::Message(1, _))), "{filler:?}");
+            }
+            dispatcher_mailbox
+        });
+        let listener = TcpListener::bind("127.0.0.1:0").unwrap();
+        let _client = TcpStream::connect(listener.local_addr().unwrap()).unwrap();
+        let (conn, peer) = listener.accept().unwrap();
+        worker.hand_back(conn.as_fd(), &peer).expect("sent once the dispatcher has read its mailbox");
+        let dispatcher_mailbox = reader.join().unwrap();
+        let mut buf = [0u8; MAX_MESSAGE];
+        let Received::Message(len, fds) = fdpass::recv_with_fds(dispatcher_mailbox.as_fd(), &mut buf).unwrap() else {
+            panic!("expected the hand-back")
+        };
+        assert_eq!((wire::decode_handback(&buf[..len]), fds.len()), (Some(peer), 1));
+    }
+
+    #[test]
+    fn a_hand_back_to_a_closed_server_fails_with_epipe() {
+        let (worker, dispatcher_mailbox) = registered();
+        drop(dispatcher_mailbox);
+        let listener = TcpListener::bind("127.0.0.1:0").unwrap();
+        let _client = TcpStream::connect(listener.local_addr().unwrap()).unwrap();
+        let (conn, peer) = listener.accept().unwrap();
+        let err = worker.hand_back(conn.as_fd(), &peer).unwrap_err();
+        assert_eq!(err.raw_os_error(), Some(libc::EPIPE));
     }
 }

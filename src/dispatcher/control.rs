@@ -9,9 +9,12 @@
 //!   never waits for the Tcl thread to read it. The id tells an answer to this request from a
 //!   late one to an earlier request that timed out.
 //!
-//! A snapshot: accepted:u64 delivered:u64 refused:u64 dropped:u64 queued:u32 ready:u32
-//! max_workers:u32 count:u32 (48 bytes), then `count` workers of 24 bytes each: pid:i32
+//! A snapshot: accepted:u64 delivered:u64 refused:u64 dropped:u64 parked:u64 parked_total:u64
+//! handed_back:u64 closed_idle:u64 closed_header:u64 closed_peer:u64 evicted:u64 queued:u32
+//! ready:u32 max_workers:u32 count:u32 (104 bytes), then `count` workers of 24 bytes each: pid:i32
 //! state:u32 delivered:u64 busy_ms:u64. Little-endian.
+
+use super::parked::ParkCounters;
 
 /// What `::socketserver::info` reports of a dispatcher.
 #[derive(Debug, Clone, PartialEq, Eq, Default)]
@@ -26,6 +29,9 @@ pub struct Snapshot {
     pub queued: u32,
     pub ready: u32,
     pub max_workers: u32,
+    /// Parked connections now.
+    pub parked: u64,
+    pub park: ParkCounters,
     pub workers: Vec<WorkerStatus>,
 }
 
@@ -62,7 +68,8 @@ impl WorkerState {
 
 const STOP: u8 = b'S';
 const SNAPSHOT: u8 = b'I';
-const HEADER_LEN: usize = 48;
+const HEADER_LEN: usize = 104;
+const COUNT_AT: usize = HEADER_LEN - 4;
 const WORKER_LEN: usize = 24;
 
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
@@ -118,7 +125,11 @@ pub fn decode_answer(bytes: &[u8]) -> Option<(u64, i32, &[u8])> {
 impl Snapshot {
     pub fn encode(&self) -> Vec<u8> {
         let mut out = Vec::with_capacity(HEADER_LEN + WORKER_LEN * self.workers.len());
-        for n in [self.accepted, self.delivered, self.refused, self.dropped] {
+        let p = &self.park;
+        for n in [self.accepted, self.delivered, self.refused, self.dropped, self.parked, p.parked_total]
+            .into_iter()
+            .chain([p.handed_back, p.closed_idle, p.closed_header, p.closed_peer, p.evicted])
+        {
             out.extend_from_slice(&n.to_le_bytes());
         }
         for n in [self.queued, self.ready, self.max_workers, self.workers.len() as u32] {
@@ -136,7 +147,7 @@ impl Snapshot {
     pub fn decode(bytes: &[u8]) -> Option<Snapshot> {
         let u64_at = |i: usize| Some(u64::from_le_bytes(bytes.get(i..i + 8)?.try_into().ok()?));
         let u32_at = |i: usize| Some(u32::from_le_bytes(bytes.get(i..i + 4)?.try_into().ok()?));
-        let count = u32_at(44)? as usize;
+        let count = u32_at(COUNT_AT)? as usize;
         if bytes.len() != HEADER_LEN + count.checked_mul(WORKER_LEN)? {
             return None;
         }
@@ -162,9 +173,18 @@ impl Snapshot {
             delivered: u64_at(8)?,
             refused: u64_at(16)?,
             dropped: u64_at(24)?,
-            queued: u32_at(32)?,
-            ready: u32_at(36)?,
-            max_workers: u32_at(40)?,
+            parked: u64_at(32)?,
+            park: ParkCounters {
+                parked_total: u64_at(40)?,
+                handed_back: u64_at(48)?,
+                closed_idle: u64_at(56)?,
+                closed_header: u64_at(64)?,
+                closed_peer: u64_at(72)?,
+                evicted: u64_at(80)?,
+            },
+            queued: u32_at(88)?,
+            ready: u32_at(92)?,
+            max_workers: u32_at(96)?,
             workers,
         })
     }
@@ -186,14 +206,16 @@ mod tests {
             queued: 1,
             ready: 2,
             max_workers: 500,
+            parked: 8,
+            park: ParkCounters { parked_total: 9, handed_back: 10, closed_idle: 11, closed_header: 12, closed_peer: 13, evicted: 14 },
             workers: vec![busy, ready],
         };
         let bytes = snap.encode();
         assert_eq!(Snapshot::decode(&bytes), Some(snap));
         assert_eq!(Snapshot::decode(&bytes[..bytes.len() - 1]), None);
         assert_eq!(Snapshot::decode(&[bytes.as_slice(), &[0]].concat()), None);
-        assert_eq!(Snapshot::decode(&[0; 47]), None);
-        assert_eq!(Snapshot::decode(&[0xff; 48]), None, "a count that does not fit");
+        assert_eq!(Snapshot::decode(&[0; HEADER_LEN - 1]), None);
+        assert_eq!(Snapshot::decode(&[0xff; HEADER_LEN]), None, "a count that does not fit");
     }
 
     #[test]

@@ -9,11 +9,17 @@
 //! sockets and the thread sleeps through them (at c=1 with N idle workers: one wake-up per
 //! connection). Toggling costs one epoll_ctl per transition, not per worker.
 //!
+//! The main set also holds each worker's end of its mailbox for EPOLLIN (a worker hands
+//! connections back there; it is otherwise never readable, so this costs nothing), and every
+//! parked connection (see `parked`). Its wait times out at the earliest of the accept pause and
+//! the parked connections' next deadline.
+//!
 //! Every loop is bounded per wake-up (connections accepted, registrations, messages per link),
 //! and every message is read whatever its length, so no peer can make the thread spin or starve
 //! the others.
 
 use super::control::{self, Request, Snapshot};
+use super::parked::{Outcome, ParkPolicy, ParkedSet, Wait};
 use super::ready_queue::ReadyQueue;
 use super::workers::{self, Connection, Registry, Worker};
 use crate::fdpass::{self, Received};
@@ -44,18 +50,38 @@ const CONTROL: u64 = 0;
 const REGISTRAR: u64 = 1;
 const LISTENER: u64 = 2;
 const INNER: u64 = 3;
-const FIRST_LINK: u64 = 4;
 
-/// The epoll data of a worker's link: its slot, and its serial (never 0) above bit 32, so that an
-/// event of a worker that has gone never reaches the one now in its slot.
-fn link_token(slot: usize, serial: u32) -> u64 {
-    (u64::from(serial) << 32) | (slot as u64 + FIRST_LINK)
+/// The members of the epoll sets that come and go.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Member {
+    /// A worker's link (index: its slot).
+    Link = 0,
+    /// The dispatcher's end of a worker's mailbox, where hand-backs arrive (index: its slot).
+    Mailbox = 1,
+    /// A parked connection (index: its place in the parked set).
+    Parked = 2,
 }
 
-fn link_of(token: u64) -> Option<(usize, u32)> {
+const INDEX_BITS: u32 = 30;
+
+/// The epoll data of a member: its serial (never 0) above bit 32, so that an event of one that
+/// has gone never reaches the one now in its place and no token is one of the fixed ones; then
+/// its kind (2 bits) and its index (below 2^30).
+pub fn member_token(member: Member, index: usize, serial: u32) -> u64 {
+    debug_assert!(index < 1 << INDEX_BITS && serial != 0);
+    (u64::from(serial) << 32) | ((member as u64) << INDEX_BITS) | index as u64
+}
+
+fn member_of(token: u64) -> Option<(Member, usize, u32)> {
     let serial = (token >> 32) as u32;
-    let slot = (token & 0xffff_ffff).checked_sub(FIRST_LINK)?;
-    (serial != 0).then_some((slot as usize, serial))
+    let member = match (token >> INDEX_BITS) & 3 {
+        0 => Member::Link,
+        1 => Member::Mailbox,
+        2 => Member::Parked,
+        _ => return None,
+    };
+    let index = (token & ((1 << INDEX_BITS) - 1)) as usize;
+    (serial != 0).then_some((member, index, serial))
 }
 
 /// nix's epoll set, as an owner of one fd (so that it can be a [`ParentOnly`]).
@@ -101,8 +127,9 @@ pub struct Dispatcher {
     max_workers: usize,
     workers: Registry,
     ready: ReadyQueue,
-    /// Accepted connections waiting for a ready worker.
+    /// Accepted (or parked and now ready) connections waiting for a ready worker.
     waiting: VecDeque<Connection>,
+    parked: ParkedSet,
     accepted: u64,
     delivered: u64,
     refused: u64,
@@ -122,8 +149,7 @@ impl Dispatcher {
         listener: ParentOnlyFd,
         registrar: ParentOnlyFd,
         control: ParentOnlyFd,
-        queue_limit: usize,
-        max_workers: usize,
+        config: &super::ServerConfig,
     ) -> io::Result<Dispatcher> {
         let section = CreateSection::enter();
         let epoll = EpollSet::new(&section)?;
@@ -146,11 +172,19 @@ impl Dispatcher {
             watching_listener: true,
             watching_links: true,
             reserve,
-            queue_limit,
-            max_workers,
+            queue_limit: config.queue_limit,
+            max_workers: config.max_workers.unwrap_or_else(super::default_max_workers),
             workers: Registry::default(),
             ready: ReadyQueue::default(),
             waiting: VecDeque::new(),
+            parked: ParkedSet::new(ParkPolicy {
+                wait: config.wait,
+                delimiter: config.delimiter.clone(),
+                head_size: config.head_size,
+                idle_timeout: config.idle_timeout,
+                header_timeout: config.header_timeout,
+                max_parked: config.max_parked.unwrap_or_else(super::default_max_parked),
+            }),
             accepted: 0,
             delivered: 0,
             refused: 0,
@@ -188,17 +222,25 @@ impl Dispatcher {
                     REGISTRAR => self.register_workers(),
                     LISTENER => listener_ready = true,
                     INNER => self.serve_links(),
-                    token => {
+                    token => match member_of(token) {
                         // Only EPOLLHUP/EPOLLERR: the worker has gone. A READY it sent last does
                         // not count (a connection sent into its mailbox would only be read back).
-                        if let Some((slot, serial)) = link_of(token) {
+                        Some((Member::Link, slot, serial)) => {
                             if self.workers.get_current(slot, serial).is_some() {
                                 self.remove_worker(slot);
                             }
                         }
-                    }
+                        Some((Member::Mailbox, slot, serial)) => {
+                            if self.workers.get_current(slot, serial).is_some() {
+                                self.take_handbacks(slot, LINK_BATCH);
+                            }
+                        }
+                        Some((Member::Parked, index, serial)) => self.parked_event(index, serial, event.events()),
+                        None => {}
+                    },
                 }
             }
+            self.expire_parked();
             self.dispatch();
             if listener_ready {
                 self.accept_batch();
@@ -206,19 +248,75 @@ impl Dispatcher {
         }
     }
 
+    /// With `-wait none`, accept only what ready workers and the queue can take; when
+    /// connections are parked, accept while fewer than `-maxparked` are held (parked, or ready
+    /// and waiting for a worker) or one can be evicted to make room.
     fn can_accept(&self) -> bool {
-        self.accept_paused_until.is_none() && self.waiting.len() < self.ready.len() + self.queue_limit
+        if self.accept_paused_until.is_some() {
+            return false;
+        }
+        match self.parked.wait() {
+            Wait::None => self.waiting.len() < self.ready.len() + self.queue_limit,
+            Wait::Data | Wait::Head => self.held() < self.parked.max_parked() || self.parked.evictable() > 0,
+        }
     }
 
-    /// Ends the accept pause if it is over; the wait's timeout until it ends.
+    /// The connections this thread holds: parked, or waiting for a worker.
+    fn held(&self) -> usize {
+        self.parked.len() + self.waiting.len()
+    }
+
+    /// Ends the accept pause if it is over; the wait's timeout: until the pause ends or the next
+    /// parked connection's deadline, whichever comes first.
     fn timeout(&mut self) -> EpollTimeout {
-        let Some(until) = self.accept_paused_until else { return EpollTimeout::NONE };
+        let paused = self.accept_paused_until;
+        let Some(until) = [paused, self.parked.next_deadline()].into_iter().flatten().min() else {
+            return EpollTimeout::NONE;
+        };
         let left = until.saturating_duration_since(Instant::now());
         if left.is_zero() {
-            self.accept_paused_until = None;
+            if paused.is_some_and(|p| p <= until) {
+                self.accept_paused_until = None;
+            }
             return EpollTimeout::ZERO;
         }
         EpollTimeout::try_from(left + Duration::from_millis(1)).unwrap_or(EpollTimeout::MAX)
+    }
+
+    fn expire_parked(&mut self) {
+        if self.parked.len() > 0 {
+            self.parked.expire(&self.epoll, Instant::now());
+        }
+    }
+
+    fn parked_event(&mut self, index: usize, serial: u32, flags: EpollFlags) {
+        if let Outcome::Ready(conn) = self.parked.on_event(&self.epoll, index, serial, flags, Instant::now()) {
+            self.waiting.push_back(conn);
+        }
+    }
+
+    /// Parks a connection; one that cannot be watched goes to a worker as it is.
+    fn park(&mut self, conn: Connection, handed_back: bool) {
+        let held = self.held();
+        if let Err(conn) = self.parked.park(&self.epoll, conn, handed_back, held, Instant::now()) {
+            self.waiting.push_back(conn);
+        }
+    }
+
+    /// Parks the connections a worker has handed back (at most `limit`).
+    fn take_handbacks(&mut self, slot: usize, limit: usize) {
+        let Some(worker) = self.workers.get_mut(slot) else { return };
+        // Out of fds, a hand-back would arrive without its connection (the kernel closes it):
+        // free the reserve for it, take it back after.
+        if !fdpass::has_free_fds(worker.mailbox.as_fd(), 1) {
+            self.reserve.clear();
+        }
+        let (conns, dropped) = worker.read_handbacks(limit);
+        self.take_reserve();
+        self.dropped += dropped;
+        for conn in conns {
+            self.park(conn, true);
+        }
     }
 
     /// Puts the listener and the inner set in the main set, or takes them out: one epoll_ctl per
@@ -247,7 +345,7 @@ impl Dispatcher {
         let mut events = [EpollEvent::empty(); EVENTS];
         let n = self.links.wait(&mut events, EpollTimeout::ZERO).unwrap_or(0);
         for event in &events[..n] {
-            if let Some((slot, serial)) = link_of(event.data()) {
+            if let Some((Member::Link, slot, serial)) = member_of(event.data()) {
                 if self.workers.get_current(slot, serial).is_some() {
                     self.serve_worker(slot);
                 }
@@ -294,10 +392,14 @@ impl Dispatcher {
 
     /// Forgets a worker; a connection it had not taken from its mailbox goes first to the next.
     fn remove_worker(&mut self, slot: usize) {
+        // Hand-backs it sent before it went are parked: its mailbox outlives it (we hold both
+        // ends), and what it holds is bounded by the socket's buffer.
+        self.take_handbacks(slot, usize::MAX);
         let Some(mut worker) = self.workers.take(slot) else { return };
-        // Out of both sets explicitly: a copy of the link held elsewhere would keep it in.
+        // Out of the sets explicitly: a copy of the link held elsewhere would keep it in.
         let _ = self.epoll.delete(worker.link.as_fd());
         let _ = self.links.delete(worker.link.as_fd());
+        let _ = self.epoll.delete(worker.mailbox.as_fd());
         if worker.ready {
             self.ready.remove(slot);
         }
@@ -339,11 +441,19 @@ impl Dispatcher {
             if !self.can_accept() {
                 return;
             }
+            let parking = self.parked.wait() != Wait::None;
             let section = CreateSection::enter();
-            let accepted = fdpass::accept(self.listener.as_fd())
-                .and_then(|(fd, peer)| Ok(Connection { fd: section.adopt(fd)?, peer }));
+            let accepted = fdpass::accept(self.listener.as_fd()).and_then(|(fd, peer)| {
+                // Parked connections may be many: out of the way of the Tcl thread's select().
+                let fd = if parking { fdpass::above_select_range(fd) } else { fd };
+                Ok(Connection { fd: section.adopt(fd)?, peer })
+            });
             drop(section);
             match accepted {
+                Ok(conn) if parking => {
+                    self.accepted += 1;
+                    self.park(conn, false);
+                }
                 Ok(conn) => {
                     self.accepted += 1;
                     self.waiting.push_back(conn);
@@ -438,10 +548,12 @@ impl Dispatcher {
         }
         let slot = self.workers.insert(Worker::new(link, mailbox, peer, pid));
         let worker = self.workers.get_mut(slot).expect("just inserted");
-        let token = link_token(slot, worker.serial);
+        let token = member_token(Member::Link, slot, worker.serial);
+        let mailbox_token = member_token(Member::Mailbox, slot, worker.serial);
         let link = worker.link.as_fd();
         let added = self.links.add(link, EpollEvent::new(EpollFlags::EPOLLIN, token)).is_ok()
-            && self.epoll.add(link, EpollEvent::new(EpollFlags::empty(), token)).is_ok();
+            && self.epoll.add(link, EpollEvent::new(EpollFlags::empty(), token)).is_ok()
+            && self.epoll.add(worker.mailbox.as_fd(), EpollEvent::new(EpollFlags::EPOLLIN, mailbox_token)).is_ok();
         if !added {
             self.remove_worker(slot);
         }
@@ -531,6 +643,8 @@ impl Dispatcher {
             queued: self.waiting.len() as u32,
             ready: self.ready.len() as u32,
             max_workers: self.max_workers.min(u32::MAX as usize) as u32,
+            parked: self.parked.len() as u64,
+            park: self.parked.counters,
             workers: self.workers.iter().map(Worker::status).collect(),
         }
     }
@@ -541,14 +655,15 @@ mod tests {
     use super::*;
 
     #[test]
-    fn link_tokens_round_trip_and_never_collide_with_the_fixed_ones() {
-        for (slot, serial) in [(0, 1), (5, u32::MAX), (1 << 20, 7)] {
-            let token = link_token(slot, serial);
-            assert!(token >= FIRST_LINK);
-            assert_eq!(link_of(token), Some((slot, serial)));
+    fn member_tokens_round_trip_and_never_collide_with_the_fixed_ones() {
+        for member in [Member::Link, Member::Mailbox, Member::Parked] {
+            for (index, serial) in [(0, 1), (5, u32::MAX), ((1 << 30) - 1, 7)] {
+                let token = member_token(member, index, serial);
+                assert_eq!(member_of(token), Some((member, index, serial)));
+            }
         }
         for fixed in [CONTROL, REGISTRAR, LISTENER, INNER] {
-            assert_eq!(link_of(fixed), None);
+            assert_eq!(member_of(fixed), None);
         }
     }
 }

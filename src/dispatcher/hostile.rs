@@ -19,7 +19,7 @@ use std::process::{Command, Stdio};
 const SECOND: Duration = Duration::from_secs(1);
 
 fn start(max_workers: Option<usize>) -> Server {
-    Server::start("127.0.0.1:0".parse().unwrap(), 64, 0, max_workers).unwrap()
+    Server::start(ServerConfig { backlog: 64, max_workers, ..ServerConfig::new("127.0.0.1:0".parse().unwrap()) }).unwrap()
 }
 
 fn wait_for(server: &Server, what: &str, cond: impl Fn(&Snapshot) -> bool) -> Snapshot {

@@ -18,17 +18,25 @@
 //! a worker over the cap, or one that comes when the process is out of fds, is refused with a
 //! reason it can report.
 //!
-//! Modules: `event_loop` (the thread), `workers` (the registry), `ready_queue`, `control` (the
-//! Tcl thread's requests and the snapshot).
+//! With `-wait data|head`, and for every connection a worker hands back, the dispatcher holds
+//! ("parks") the connection in its epoll set until there is something for a worker to do, so
+//! that idle and slow clients cost no worker (see `parked`).
+//!
+//! Modules: `event_loop` (the thread), `workers` (the registry), `ready_queue`, `parked` (parked
+//! connections and their timers), `control` (the Tcl thread's requests and the snapshot).
 
 mod control;
 mod event_loop;
 #[cfg(test)]
 mod hostile;
+#[cfg(test)]
+mod park_tests;
+mod parked;
 mod ready_queue;
 mod workers;
 
 pub use control::Snapshot;
+pub use parked::Wait;
 
 use crate::fdpass::{self, Received};
 use crate::fork_safety::{CreateSection, ParentOnlyFd};
@@ -55,12 +63,59 @@ pub fn default_max_workers() -> usize {
     (soft / 4).clamp(1, u32::MAX as u64) as usize
 }
 
+/// The default limit on parked connections: half the soft limit on open files, at least 1.
+pub fn default_max_parked() -> usize {
+    let soft = nix::sys::resource::getrlimit(nix::sys::resource::Resource::RLIMIT_NOFILE)
+        .map_or(1024, |(soft, _)| soft);
+    (soft / 2).clamp(1, parked::MAX_PARKED as u64) as usize
+}
+
+/// What `::socketserver::socket server` was asked for.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct ServerConfig {
+    pub address: SocketAddr,
+    pub backlog: u32,
+    /// `-queue`: accepted connections that may wait for a worker (with `-wait none`).
+    pub queue_limit: usize,
+    /// `-maxworkers`; None: [`default_max_workers`].
+    pub max_workers: Option<usize>,
+    pub wait: Wait,
+    /// `-delimiter`: the end of a head, for `-wait head`.
+    pub delimiter: Vec<u8>,
+    /// `-headsize`: a head is handed over once this many bytes are buffered.
+    pub head_size: usize,
+    /// `-idletimeout`, `-headertimeout`; None: never.
+    pub idle_timeout: Option<Duration>,
+    pub header_timeout: Option<Duration>,
+    /// `-maxparked`; None: [`default_max_parked`].
+    pub max_parked: Option<usize>,
+}
+
+impl ServerConfig {
+    /// The defaults, on `address`.
+    pub fn new(address: SocketAddr) -> ServerConfig {
+        ServerConfig {
+            address,
+            backlog: 128,
+            queue_limit: 0,
+            max_workers: None,
+            wait: Wait::None,
+            delimiter: b"\r\n\r\n".to_vec(),
+            head_size: 16384,
+            idle_timeout: Some(Duration::from_secs(60)),
+            header_timeout: Some(Duration::from_secs(10)),
+            max_parked: None,
+        }
+    }
+}
+
 /// A listening port served by a dispatcher thread, as the Tcl thread that created it sees it.
 #[derive(Debug)]
 pub struct Server {
+    /// The bound address (the port the kernel chose for port 0).
     pub address: SocketAddr,
-    pub backlog: u32,
-    pub queue_limit: usize,
+    /// As asked, with the limits' defaults filled in.
+    pub config: ServerConfig,
     /// The end of the registration socket that workers (this process and its forked children)
     /// use to register. Inherited by children on purpose.
     pub registration: OwnedFd,
@@ -72,12 +127,12 @@ pub struct Server {
 
 impl Server {
     /// Binds and listens at once, so every failure is reported here, then starts the thread.
-    /// `max_workers`: how many workers may register at a time (None: [`default_max_workers`]).
-    pub fn start(address: SocketAddr, backlog: u32, queue_limit: usize, max_workers: Option<usize>) -> io::Result<Server> {
+    pub fn start(mut config: ServerConfig) -> io::Result<Server> {
         crate::fork_safety::install()?;
-        let max_workers = max_workers.unwrap_or_else(default_max_workers);
+        config.max_workers = Some(config.max_workers.unwrap_or_else(default_max_workers));
+        config.max_parked = Some(config.max_parked.unwrap_or_else(default_max_parked).min(parked::MAX_PARKED));
         let section = CreateSection::enter();
-        let listener = section.adopt(fdpass::listen(address, backlog)?)?;
+        let listener = section.adopt(fdpass::listen(config.address, config.backlog)?)?;
         let (registration, registrar) = fdpass::seqpacket_pair()?;
         let registrar = section.adopt(registrar)?;
         let (control, thread_control) = fdpass::seqpacket_pair()?;
@@ -85,14 +140,13 @@ impl Server {
         let thread_control = section.adopt(thread_control)?;
         drop(section);
         let address = fdpass::local_addr(listener.as_fd())?;
-        let dispatcher = event_loop::Dispatcher::new(listener, registrar, thread_control, queue_limit, max_workers)?;
+        let dispatcher = event_loop::Dispatcher::new(listener, registrar, thread_control, &config)?;
         let thread = std::thread::Builder::new()
             .name(format!("socketserver:{}", address.port()))
             .spawn(move || dispatcher.run())?;
         Ok(Server {
             address,
-            backlog,
-            queue_limit,
+            config,
             registration,
             control,
             thread: Some(thread),
@@ -187,7 +241,7 @@ mod tests {
     use std::net::TcpStream;
 
     fn start(queue: usize) -> Server {
-        Server::start("127.0.0.1:0".parse().unwrap(), 16, queue, None).unwrap()
+        Server::start(ServerConfig { backlog: 16, queue_limit: queue, ..ServerConfig::new("127.0.0.1:0".parse().unwrap()) }).unwrap()
     }
 
     fn wait_for(server: &Server, what: &str, cond: impl Fn(&Snapshot) -> bool) -> Snapshot {
@@ -349,7 +403,7 @@ mod tests {
         let address = server.address;
         let mut link = ready_worker(&server);
         drop(server);
-        let again = Server::start(address, 16, 0, None).expect("the port is free again at once");
+        let again = Server::start(ServerConfig::new(address)).expect("the port is free again at once");
         assert_eq!(again.address, address);
         wait_readable(link.as_fd(), Duration::from_secs(5)).unwrap();
         assert!(link.receive().unwrap().is_none(), "the worker sees the server close");

@@ -109,6 +109,42 @@ impl Worker {
     }
 }
 
+impl Worker {
+    /// Reads up to `limit` hand-backs from the dispatcher's end of its mailbox: each must carry
+    /// one TCP socket, which is moved out of the way of select(). Anything else is dropped (its
+    /// fds closed) and counted. Returns the connections and how many messages were dropped.
+    pub fn read_handbacks(&self, limit: usize) -> (Vec<Connection>, u64) {
+        let mut buf = [0u8; MAX_MESSAGE];
+        let mut conns = Vec::new();
+        let mut dropped = 0;
+        for _ in 0..limit {
+            // Received fds are adopted or closed before the section ends: no fork catches them.
+            let section = CreateSection::enter();
+            match fdpass::recv_with_fds(self.mailbox.as_fd(), &mut buf) {
+                Ok(Received::Message(len, mut fds)) => {
+                    let conn = match (fds.pop(), wire::decode_handback(&buf[..len])) {
+                        (Some(fd), Some(peer)) if fds.is_empty() && fdpass::is_tcp_stream(fd.as_fd()) => {
+                            section.adopt(fdpass::above_select_range(fd)).ok().map(|fd| Connection { fd, peer })
+                        }
+                        _ => None,
+                    };
+                    match conn {
+                        Some(conn) => conns.push(conn),
+                        None => dropped += 1,
+                    }
+                }
+                // Malformed, or its connection lost for lack of fds.
+                Err(err) if err.kind() == io::ErrorKind::InvalidData || err.raw_os_error() == Some(libc::EMFILE) => {
+                    dropped += 1
+                }
+                // Empty; never closed (we hold both ends); or a failing socket.
+                _ => break,
+            }
+        }
+        (conns, dropped)
+    }
+}
+
 /// True if `mailbox` is an AF_UNIX SOCK_SEQPACKET socket and `mailbox_peer` its other end: a
 /// nonce sent into the one comes out of the other.
 pub fn is_mailbox_pair(mailbox: &ParentOnlyFd, mailbox_peer: &ParentOnlyFd, nonce: u64) -> bool {
