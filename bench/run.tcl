@@ -39,16 +39,21 @@
 # head, the handler hands the connection back with `socket park` after every
 # answer) and ss4waitnone (the same with -wait none: today's dispatch).
 #   ka      wrk -c 64 -d KA, keep-alive (plainka, ss4park) -> req/s, CPU per
-#           request
+#           request (dispatcher and workers apart), hand-backs per request
+#           (the dispatcher's count: proves the connections went back)
 #   kaclose the same with -H 'Connection: close' (ss4park): the same server,
 #           closing after every request
-#   idle    ss4park: wrk -c 32 -d IDLE -H 'Connection: close' (idlebase),
-#           then 10,000 idle connections opened and parked, and the same wrk
-#           again (idle10k) -> p99 with/without, and the serving process's
-#           RSS growth (VmRSS, before the 10,000 and after the second wrk)
+#   idle    ss4park: wrk -c 32 -d IDLE -H 'Connection: close' and requests
+#           one at a time (idlebase), then 10,000 idle connections opened
+#           and parked, and the same again (idle10k) -> p99 with/without
+#           (the target is on the requests one at a time: wrk's saturated
+#           p99 is mostly queueing, and too noisy), and the serving
+#           process's RSS growth (VmRSS, before the 10,000 and after)
 #   slowc   100 connections that send nothing and 100 that drip a request
 #           head one byte every 0.3 s, then normal requests one at a time,
-#           each given 1 s (ss4park, ss4waitnone) -> p50, p99, answered
+#           each given 1 s (ss4park, ss4waitnone) -> p50, p99, answered.
+#           The issue sets no target; the line checks -wait head's p99
+#           against the bound of its test, 100 ms.
 # The idle and dripping clients and the timed requests come from the
 # `clients` example (bench/clients.rs), which raises its own fd limit; the
 # servers run with -backlog 1024 and, for ss4park, -maxparked 11000.
@@ -123,18 +128,19 @@ proc ::bench::pause {ms} {
     unset $var
 }
 
-# One line from a non-blocking CHAN before DEADLINE (clock milliseconds).
-proc ::bench::read_line {chan deadline what} {
+# One line from a non-blocking CHAN before DEADLINE (clock milliseconds);
+# LINE names it in errors.
+proc ::bench::read_line {chan deadline what {line "port line"}} {
     while {1} {
-        if {[gets $chan line] >= 0} {
-            return $line
+        if {[gets $chan got] >= 0} {
+            return $got
         }
         if {[eof $chan]} {
-            error "$what: ended before it printed its port line"
+            error "$what: ended before it printed its $line"
         }
         set left [expr {$deadline - [clock milliseconds]}]
         if {$left <= 0} {
-            error "$what: no port line within the time limit"
+            error "$what: no $line within the time limit"
         }
         wait_readable $chan $left
     }
@@ -753,7 +759,8 @@ proc ::bench::hold {port idle drip} {
     dict set clients $chan [pid $chan]
     fconfigure $chan -blocking 0 -buffering line
     try {
-        set line [read_line $chan [expr {[clock milliseconds] + 30000}] "clients hold"]
+        set line [read_line $chan [expr {[clock milliseconds] + 30000}] "clients hold" \
+                "ready line (its error is on stderr)"]
         if {$line ne "ready $idle $drip"} {
             error "clients hold: unexpected \"$line\""
         }
