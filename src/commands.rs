@@ -238,6 +238,12 @@ fn park(state: std::cell::RefMut<InterpState>, name: &str) -> CmdResult<Obj> {
     let conn = ffi::TcpChannel::find(interp, name)?.ok_or_else(not_ours)?;
     let port = crate::fdpass::local_addr(conn.fd()).map_err(|_| not_ours())?.port();
     let slot = state.slots.get(&port).ok_or_else(not_ours)?;
+    if conn.is_stacked() {
+        return Err(CmdError::new(
+            format!("channel \"{name}\" has a transformation stacked on it"),
+            &["SOCKETSERVER", "PARK", "STACKED"],
+        ));
+    }
     if conn.is_shared() {
         // Closing it here would leave it open in the other interp, a second reader of the
         // connection the dispatcher now holds.

@@ -639,6 +639,13 @@ impl TcpChannel {
         DELIVERED_PEERS.try_with(|peers| peers.borrow().get(&(self.chan as usize)).copied()).ok().flatten()
     }
 
+    /// True if a transformation (`chan push`, `zlib push`, `tls::import`) is stacked on the
+    /// socket: its state and its buffers would not travel with the connection.
+    pub fn is_stacked(&self) -> bool {
+        // SAFETY: chan is live (see the struct); Tcl_GetChannel gave the bottom of its stack.
+        unsafe { crate::tcl_stubs::Tcl_GetTopChannel(self.chan) != self.chan }
+    }
+
     /// True if the channel is registered in more than one interp.
     pub fn is_shared(&self) -> bool {
         // SAFETY: chan is live (see the struct).
