@@ -73,7 +73,7 @@ uninstall:
 	rm -f $(DESTDIR)$(MANDIR)/mann/$(NAME).n
 
 bench: bench-deps all
-	$(CARGO) build --release --example limit
+	$(CARGO) build --release --example limit --example clients
 	$(RUN_TCL) bench/run.tcl $(if $(filter 1 yes true,$(QUICK)),-quick) $(if $(RUNS),-runs $(RUNS))
 
 deps:

@@ -2,7 +2,8 @@
 # (the listener and the dispatcher thread) and N workers forked with Tclx.
 #
 #   TCLLIBPATH=.../build tclsh bench/ss_server.tcl ?-workers N? ?-port PORT?
-#       ?-queue Q? ?-handler sync|fileevent?
+#       ?-queue Q? ?-backlog B? ?-handler sync|fileevent|park?
+#       ?-notifier poll|tcl? ?-wait none|data|head? ?-maxparked M?
 #
 # Every worker serves bench/http.tcl's answer and re-arms with
 # `::socketserver::socket client` when it has finished a connection.
@@ -11,7 +12,9 @@
 # written, and it spares the fileevent wake-ups (each a round trip through Tcl
 # 8.6's notifier thread).  -handler fileevent uses ::bench::accept, the
 # non-blocking fileevent-driven handler that plain Tcl must use, to show that
-# cost.
+# cost.  -handler park uses ::bench::accept_park: HTTP/1.1 keep-alive, the
+# connection handed back to the dispatcher after every answer (issue 11).
+# -wait and -maxparked, when given, go to `socket server` as they are.
 #
 # Output on stdout, one line each:
 #   worker PID ctl CTLPORT            once per worker, when it starts
@@ -106,8 +109,10 @@ proc ::ss::main {argv} {
     variable workers
     variable handler
     variable notifier
-    set usage "usage: ss_server.tcl ?-workers N? ?-port PORT? ?-queue Q? ?-handler sync|fileevent? ?-notifier poll|tcl?"
-    array set opt {-workers 2 -port 0 -queue 0 -handler sync -notifier poll}
+    set usage "usage: ss_server.tcl ?-workers N? ?-port PORT? ?-queue Q? ?-backlog B?\
+            ?-handler sync|fileevent|park? ?-notifier poll|tcl? ?-wait none|data|head? ?-maxparked M?"
+    array set opt {-workers 2 -port 0 -queue 0 -backlog 128 -handler sync -notifier poll
+        -wait {} -maxparked {}}
     if {[llength $argv] % 2} {
         error $usage
     }
@@ -120,13 +125,20 @@ proc ::ss::main {argv} {
     switch -- $opt(-handler) {
         sync {set handler ::bench::accept_sync}
         fileevent {set handler ::bench::accept}
+        park {set handler ::bench::accept_park}
         default {error $usage}
     }
     if {$opt(-notifier) ni {poll tcl}} {
         error $usage
     }
     set notifier $opt(-notifier)
-    set port [::socketserver::socket server -myaddr 127.0.0.1 -queue $opt(-queue) $opt(-port)]
+    set server [list -myaddr 127.0.0.1 -queue $opt(-queue) -backlog $opt(-backlog)]
+    foreach name {-wait -maxparked} {
+        if {$opt($name) ne ""} {
+            lappend server $name $opt($name)
+        }
+    }
+    set port [::socketserver::socket server {*}$server $opt(-port)]
     # Each registered worker pins 3 fds in this process, and Tcl 8.6's notifier (select)
     # aborts on an fd of FD_SETSIZE (1024) or more.  So the fds it watches come first: the
     # control listener, and the notifier thread's own pipe, which it makes when it first

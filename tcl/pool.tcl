@@ -7,7 +7,8 @@
 #
 # A worker takes one connection at a time and asks for the next when the previous channel has
 # closed (::socketserver::onclose), so both synchronous and fileevent-driven handlers work without
-# re-arming by hand. A worker that is told to retire (SIGTERM) finishes its current connection
+# re-arming by hand; `::socketserver::socket park` closes the channel too, so a handler that hands
+# a kept-alive connection back to the dispatcher frees its worker the same way. A worker that is told to retire (SIGTERM) finishes its current connection
 # and exits; an idle one exits at once, and a connection the dispatcher had already sent it goes
 # to another worker (the dispatcher reads back a connection that a worker had not taken).
 
@@ -45,7 +46,8 @@ proc ::socketserver::pool::create {args} {
         variable handler
         variable workers [dict create] ;# pid -> {started ms role new|old|retiring registered 0|1}
         variable totals [dict create respawned 0 recycled 0 timeouts 0 reloads 0]
-        variable counts [dict create accepted 0 delivered 0]
+        variable counts [dict create accepted 0 delivered 0 parked 0 parkedtotal 0 handedback 0 \
+                             closedidle 0 closedheader 0 closedpeer 0 evicted 0]
         variable stopping 0
         variable stopped 0
         variable tick {}
@@ -457,6 +459,7 @@ proc ::socketserver::pool::Stop {name grace} {
     Log $name "stopping: no new connections; waiting up to $grace ms for busy workers"
     Stats $name ;# keeps the server's last counts for stats after the stop
     catch {::socketserver::socket close $port}
+    dict set ${name}::counts parked 0 ;# closing the server closed them
     set pids [dict keys [set ${name}::workers]]
     foreach pid $pids {
         Retire $name $pid
@@ -574,7 +577,8 @@ proc ::socketserver::pool::Stats {name} {
     # After stop the server is gone: report its last counts.
     if {![catch {::socketserver::info $port} info]} {
         set status [dict get $info status]
-        set ${name}::counts [dict filter $info key accepted delivered]
+        set ${name}::counts [dict merge [set ${name}::counts] \
+                                 [dict filter $info key {*}[dict keys [set ${name}::counts]]]]
     }
     set workers {}
     dict for {pid worker} [set ${name}::workers] {
