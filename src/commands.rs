@@ -238,6 +238,12 @@ fn park(state: std::cell::RefMut<InterpState>, name: &str) -> CmdResult<Obj> {
     let conn = ffi::TcpChannel::find(interp, name)?.ok_or_else(not_ours)?;
     let port = crate::fdpass::local_addr(conn.fd()).map_err(|_| not_ours())?.port();
     let slot = state.slots.get(&port).ok_or_else(not_ours)?;
+    if conn.is_stacked() {
+        return Err(CmdError::new(
+            format!("channel \"{name}\" has a transformation stacked on it"),
+            &["SOCKETSERVER", "PARK", "STACKED"],
+        ));
+    }
     if conn.is_shared() {
         // Closing it here would leave it open in the other interp, a second reader of the
         // connection the dispatcher now holds.
@@ -251,11 +257,18 @@ fn park(state: std::cell::RefMut<InterpState>, name: &str) -> CmdResult<Obj> {
     }
     // No record: a channel made otherwise over one of our connections (moved in from another
     // thread, say).
-    let peer = conn.delivered_peer().or_else(|| crate::fdpass::peer_addr(conn.fd()).ok()).unwrap_or(crate::wire::UNKNOWN_PEER);
+    let peer = conn
+        .delivered_peer()
+        .or_else(|| crate::fdpass::peer_addr(conn.fd()).ok())
+        .unwrap_or(crate::wire::UNKNOWN_PEER);
     let was_blocking = conn.is_blocking();
     // Blocking, so that the flush writes everything, a non-blocking channel's background flush
-    // included; the connection then also travels blocking, as an accepted one does.
-    let handed_back = conn.set_blocking(true).and_then(|()| conn.flush()).and_then(|()| slot.link.hand_back(conn.fd(), &peer));
+    // included (else Tcl would close the channel only once that is done, writing on meanwhile
+    // from here); the connection then also travels blocking, as an accepted one does.
+    let handed_back = conn
+        .set_blocking(true)
+        .and_then(|()| conn.flush())
+        .and_then(|()| slot.link.hand_back(conn.fd(), &peer));
     if let Err(err) = handed_back {
         let _ = conn.set_blocking(was_blocking);
         return Err(posix(&format!("couldn't park channel \"{name}\""), err));

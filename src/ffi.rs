@@ -421,7 +421,7 @@ fn interp_channels(interp: *mut Tcl_Interp) -> Vec<(String, crate::tcl_stubs::Tc
 }
 
 /// True for a channel of Tcl's TCP socket driver (`socket`, `socket -server`, and the channels
-/// socketserver delivers); a channel stacked on one (`tls::import`) has its own type.
+/// socketserver delivers).
 fn is_tcp_driver(chan: crate::tcl_stubs::Tcl_Channel) -> bool {
     // SAFETY: chan is a live channel; its type is static data of its driver.
     unsafe {
@@ -562,9 +562,8 @@ thread_local! {
     /// The peer that each channel of [`register_socket_channel`] was delivered with (which a
     /// PROXY header may make differ from getpeername's), by channel, until the channel closes:
     /// `park` hands it back with the connection. Per thread, as channels are, and keyed by the
-    /// channel rather than by an interp's name for it, so that the record follows a channel
-    /// moved to another interp (`interp transfer`), and the close handler that removes it needs
-    /// no interp's state (which may go first when an interp is deleted).
+    /// channel, so that the close handler that removes a record needs no interp's state (which
+    /// may be freed before the interp's channels close when the interp is deleted).
     static DELIVERED_PEERS: RefCell<HashMap<usize, SocketAddr>> = RefCell::new(HashMap::new());
 }
 
@@ -607,6 +606,16 @@ fn find_channel(interp: *mut Tcl_Interp, name: &str) -> Result<crate::tcl_stubs:
     Ok(chan)
 }
 
+/// The result of a Tcl channel call: TCL_ERROR becomes the errno Tcl kept for it (EIO if none).
+fn channel_io(code: c_int) -> io::Result<()> {
+    if code == TCL_OK {
+        return Ok(());
+    }
+    // SAFETY: reads the calling thread's Tcl errno.
+    let errno = unsafe { crate::tcl_stubs::Tcl_GetErrno() };
+    Err(io::Error::from_raw_os_error(if errno == 0 { libc::EIO } else { errno }))
+}
+
 /// A socket channel over a TCP connection, found by name for one command, which must not let
 /// any script run (one could close it) while it holds this.
 pub struct TcpChannel {
@@ -639,6 +648,13 @@ impl TcpChannel {
         DELIVERED_PEERS.try_with(|peers| peers.borrow().get(&(self.chan as usize)).copied()).ok().flatten()
     }
 
+    /// True if a transformation (`chan push`, `zlib push`, `tls::import`) is stacked on the
+    /// socket: its state and its buffers would not travel with the connection.
+    pub fn is_stacked(&self) -> bool {
+        // SAFETY: chan is live (see the struct); Tcl_GetChannel gave the bottom of its stack.
+        unsafe { crate::tcl_stubs::Tcl_GetTopChannel(self.chan) != self.chan }
+    }
+
     /// True if the channel is registered in more than one interp.
     pub fn is_shared(&self) -> bool {
         // SAFETY: chan is live (see the struct).
@@ -658,27 +674,16 @@ impl TcpChannel {
     /// `fconfigure -blocking`: also the fd's O_NONBLOCK, which every copy of the fd shares.
     pub fn set_blocking(&self, blocking: bool) -> io::Result<()> {
         let value = if blocking { c"1" } else { c"0" };
-        // SAFETY: chan is live (see the struct); a null interp is allowed; Tcl sets errno when
-        // the driver fails.
-        unsafe {
-            if crate::tcl_stubs::Tcl_SetChannelOption(std::ptr::null_mut(), self.chan, c"-blocking".as_ptr(), value.as_ptr()) == TCL_OK {
-                Ok(())
-            } else {
-                Err(io::Error::from_raw_os_error(crate::tcl_stubs::Tcl_GetErrno()))
-            }
-        }
+        // SAFETY: chan is live (see the struct); a null interp is allowed.
+        channel_io(unsafe {
+            crate::tcl_stubs::Tcl_SetChannelOption(std::ptr::null_mut(), self.chan, c"-blocking".as_ptr(), value.as_ptr())
+        })
     }
 
     /// Writes out what is buffered for output: all of it if the channel is blocking.
     pub fn flush(&self) -> io::Result<()> {
-        // SAFETY: chan is live (see the struct); Tcl sets errno when the write fails.
-        unsafe {
-            if crate::tcl_stubs::Tcl_Flush(self.chan) == TCL_OK {
-                Ok(())
-            } else {
-                Err(io::Error::from_raw_os_error(crate::tcl_stubs::Tcl_GetErrno()))
-            }
-        }
+        // SAFETY: chan is live (see the struct).
+        channel_io(unsafe { crate::tcl_stubs::Tcl_Flush(self.chan) })
     }
 
     /// Closes the channel as `close` does in `interp`, the only interp it is registered in:

@@ -118,6 +118,7 @@ stub_functions! {
     Tcl_GetObjResult = tcl_GetObjResult(interp: *mut Tcl_Interp) -> *mut Tcl_Obj;
     Tcl_GetSlave = tcl_GetSlave(interp: *mut Tcl_Interp, name: *const c_char) -> *mut Tcl_Interp;
     Tcl_GetStringFromObj = tcl_GetStringFromObj(obj: *mut Tcl_Obj, length_ptr: *mut c_int) -> *mut c_char;
+    Tcl_GetTopChannel = tcl_GetTopChannel(chan: Tcl_Channel) -> Tcl_Channel;
     Tcl_InputBuffered = tcl_InputBuffered(chan: Tcl_Channel) -> c_int;
     Tcl_InterpDeleted = tcl_InterpDeleted(interp: *mut Tcl_Interp) -> c_int;
     Tcl_IsChannelShared = tcl_IsChannelShared(channel: Tcl_Channel) -> c_int;

@@ -225,18 +225,14 @@ impl Dispatcher {
                     token => match member_of(token) {
                         // Only EPOLLHUP/EPOLLERR: the worker has gone. A READY it sent last does
                         // not count (a connection sent into its mailbox would only be read back).
-                        Some((Member::Link, slot, serial)) => {
-                            if self.workers.get_current(slot, serial).is_some() {
-                                self.remove_worker(slot);
-                            }
+                        Some((Member::Link, slot, serial)) if self.workers.get_current(slot, serial).is_some() => {
+                            self.remove_worker(slot);
                         }
-                        Some((Member::Mailbox, slot, serial)) => {
-                            if self.workers.get_current(slot, serial).is_some() {
-                                self.take_handbacks(slot, LINK_BATCH);
-                            }
+                        Some((Member::Mailbox, slot, serial)) if self.workers.get_current(slot, serial).is_some() => {
+                            self.take_handbacks(slot, LINK_BATCH);
                         }
                         Some((Member::Parked, index, serial)) => self.parked_event(index, serial, event.events()),
-                        None => {}
+                        _ => {}
                     },
                 }
             }

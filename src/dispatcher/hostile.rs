@@ -34,10 +34,11 @@ fn wait_for(server: &Server, what: &str, cond: impl Fn(&Snapshot) -> bool) -> Sn
     }
 }
 
-/// Runs the calling test (`name`, its function's name) in a process of its own: false there
-/// (run the body), true in the parent once the child has passed.
-fn in_own_process(name: &str) -> bool {
-    let module = module_path!().split_once("::").expect("crate::module").1;
+/// Runs the calling test (`name`, its function's name, in `module`, the caller's
+/// `module_path!()`) in a process of its own: false there (run the body), true in the parent
+/// once the child has passed.
+pub(super) fn in_own_process(module: &str, name: &str) -> bool {
+    let module = module.split_once("::").expect("crate::module").1;
     let test = format!("{module}::{name}");
     if std::env::var("SOCKETSERVER_OWN_PROCESS").as_deref() == Ok(test.as_str()) {
         return false;
@@ -63,7 +64,7 @@ fn in_own_process(name: &str) -> bool {
     }
 }
 
-fn open_fds() -> usize {
+pub(super) fn open_fds() -> usize {
     std::fs::read_dir("/proc/self/fd").unwrap().count()
 }
 
@@ -276,7 +277,7 @@ fn random_message(rng: &mut Prng, kinds: &[BorrowedFd]) -> (Vec<u8>, Vec<usize>)
 
 #[test]
 fn a_flood_of_malformed_messages_leaves_the_dispatcher_serving_idle_and_without_leaked_fds() {
-    if in_own_process("a_flood_of_malformed_messages_leaves_the_dispatcher_serving_idle_and_without_leaked_fds") {
+    if in_own_process(module_path!(), "a_flood_of_malformed_messages_leaves_the_dispatcher_serving_idle_and_without_leaked_fds") {
         return;
     }
     let server = start(None);
@@ -332,7 +333,7 @@ fn a_flood_of_malformed_messages_leaves_the_dispatcher_serving_idle_and_without_
 
 #[test]
 fn an_empty_datagram_on_the_registration_socket_does_not_make_the_dispatcher_spin() {
-    if in_own_process("an_empty_datagram_on_the_registration_socket_does_not_make_the_dispatcher_spin") {
+    if in_own_process(module_path!(), "an_empty_datagram_on_the_registration_socket_does_not_make_the_dispatcher_spin") {
         return;
     }
     let server = start(None);
@@ -349,7 +350,7 @@ fn an_empty_datagram_on_the_registration_socket_does_not_make_the_dispatcher_spi
 
 #[test]
 fn info_reports_3000_workers() {
-    if in_own_process("info_reports_3000_workers") {
+    if in_own_process(module_path!(), "info_reports_3000_workers") {
         return;
     }
     // 3 fds per worker in the dispatcher and 2 on the registering side.
