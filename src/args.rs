@@ -51,8 +51,7 @@ pub fn lookup(word: &str, table: &[&str], what: &str) -> CmdResult<usize> {
         (Some((index, _)), None) if !word.is_empty() => return Ok(index),
         _ => {}
     }
-    // An empty word is a prefix of every entry, yet Tcl calls it bad, not ambiguous.
-    let adjective = if second.is_some() && !word.is_empty() { "ambiguous" } else { "bad" };
+    let adjective = if second.is_some() { "ambiguous" } else { "bad" };
     let text = format!("{adjective} {what} \"{word}\": {}", choices(table));
     Err(CmdError::new(text, &["TCL", "LOOKUP", "INDEX", what, word]))
 }
@@ -290,7 +289,7 @@ mod tests {
         let err = parse_server(&["-wait", "x", "80"]).unwrap_err();
         let code = ["TCL", "LOOKUP", "INDEX", "wait mode", "x"].map(String::from).to_vec();
         assert_eq!(err, CmdError::Message { text: "bad wait mode \"x\": must be none, data, or head".into(), code });
-        assert_eq!(text(parse_server(&["-wait", "", "80"]).unwrap_err()), "bad wait mode \"\": must be none, data, or head");
+        assert_eq!(text(parse_server(&["-wait", "", "80"]).unwrap_err()), "ambiguous wait mode \"\": must be none, data, or head");
         for bad in ["0", "-1", "1048577", "x"] {
             let message = text(parse_server(&["-headsize", bad, "80"]).unwrap_err());
             assert_eq!(message, format!("expected positive integer up to 1048576 but got \"{bad}\""));
