@@ -3,7 +3,8 @@
 #   make            build build/libsocketserver.so and build/pkgIndex.tcl
 #   make test       install what is missing, build, run cargo test and tests/all.tcl
 #   make demo       install what is missing, build, serve examples/http_server.tcl
-#                   on 127.0.0.1:8080 with 4 workers (Ctrl-C stops it)
+#                   on 127.0.0.1:8080 with 4 workers, HTTP/1.1 keep-alive, idle
+#                   connections parked in the dispatcher (Ctrl-C stops it)
 #   make install    copy the package to $(DESTDIR)$(TCLLIBDIR)/socketserver$(VERSION)
 #   make bench      the benchmark (QUICK=1: about a minute; RUNS=n: runs per setup)
 #   make clean      remove build/ and cargo's target/
@@ -59,7 +60,8 @@ test: deps all
 	$(RUN_TCL) tests/all.tcl $(TESTFLAGS)
 
 demo: deps all
-	$(RUN_TCL) examples/http_server.tcl -myaddr $(DEMO_ADDR) -port $(DEMO_PORT) -workers $(DEMO_WORKERS)
+	$(RUN_TCL) examples/http_server.tcl -myaddr $(DEMO_ADDR) -port $(DEMO_PORT) -workers $(DEMO_WORKERS) \
+	    -wait head -keepalive park
 
 install: all
 	install -d $(PKGDIR)

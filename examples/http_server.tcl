@@ -2,7 +2,7 @@
 # examples/http_server.tcl -- an HTTP/1.1 server with keep-alive, on a self-running worker pool.
 #
 #   tclsh examples/http_server.tcl ?-myaddr 127.0.0.1? ?-port 8080? ?-workers 4?
-#       ?-maxconnections 0? ?-timeout 30000? ?-queue 0? ?-keepalive park|hold|off?
+#       ?-maxconnections 1000? ?-timeout 30000? ?-queue 0? ?-keepalive park|hold|off?
 #       ?-wait head? ?-idletimeout 60000? ?-headertimeout 10000? ?-maxparked n?
 #       ?-maxbody 1048576?
 #
@@ -10,7 +10,7 @@
 # pool with `::socketserver::pool create`: it becomes the pool's monitor and
 # serves no connection itself.  The pool forks the workers (no Tclx needed),
 # replaces any that dies, retires each one after -maxconnections connections
-# (0: never) and starts a fresh one in its place, and kills a worker that has
+# (a handed-back connection counts each time a worker takes it; 0: never) and starts a fresh one in its place, and kills a worker that has
 # held one connection for more than -timeout ms (0: never).
 #
 # The dispatcher holds every connection that has nothing for a worker to do
@@ -31,7 +31,8 @@
 #          `socket park` returns 0 instead when the next request is already
 #          buffered (pipelined): this worker serves it in place
 #   hold   keeps it and waits for the next request, for at most -idletimeout
-#          ms: the worker is tied to the client meanwhile (Apache prefork)
+#          ms: the worker is tied to the client meanwhile (Apache prefork);
+#          keep -idletimeout below -timeout, which counts that wait as busy
 #   off    closes it after every response (HTTP/1.0 style)
 # Closing or parking the channel is what tells the pool the worker can take
 # the next connection.  A worker drops a client that takes longer than
@@ -309,7 +310,7 @@ proc usage {{why ""}} {
 }
 
 array set opt {
-    -myaddr 127.0.0.1 -port 8080 -workers 4 -maxconnections 0 -timeout 30000 -queue 0
+    -myaddr 127.0.0.1 -port 8080 -workers 4 -maxconnections 1000 -timeout 30000 -queue 0
     -keepalive park -wait head -idletimeout 60000 -headertimeout 10000 -maxparked {}
     -maxbody 1048576
 }

@@ -1,20 +1,19 @@
 #!/usr/bin/env bash
-# Install what building, testing (and, with --bench, benchmarking) socketserver
-# needs, and only what is missing.  Run by `make deps` / `make test` / `make demo`
+# Install what building, testing, benchmarking and the demo of socketserver
+# need, and only what is missing.  Run by `make deps` / `make test` / `make demo`
 # (and `make bench` with --bench).  Safe to run again: when everything is there
 # it changes nothing and does not touch the network.
 #
-#   scripts/deps.sh            build + test + demo
-#   scripts/deps.sh --bench    the above, plus wrk for `make bench`
+#   scripts/deps.sh            build + test + demo + benchmark
+#   scripts/deps.sh --bench    the same (park.test uses wrk as well)
 #
 # Debian/Ubuntu only (apt-get); elsewhere it lists what to install by hand.
 # Works without a terminal (CI=true, no stdin): apt runs non-interactively.
 set -euo pipefail
 
-bench=0
 for arg in "$@"; do
     case $arg in
-        --bench) bench=1 ;;
+        --bench) ;;
         -h|--help) sed -n '2,11s/^# \{0,1\}//p' "$0"; exit 0 ;;
         *) echo "deps.sh: unknown argument \"$arg\" (expected --bench)" >&2; exit 2 ;;
     esac
@@ -49,12 +48,9 @@ needs=(
     "procps         cmd:ps"          # tests check for left-over children with ps
     "apache2-utils  cmd:ab"          # load in the pool tests; the benchmark
     "valgrind       cmd:valgrind"    # signals.test: trap scripts that delete interps, checked for reads of freed memory
+    "wrk            cmd:wrk"         # park.test (keep-alive load on the example); the benchmark
+    "python3        cmd:python3"     # park.test: 10,000 connections without Tcl's bind() per socket
 )
-if [ "$bench" = 1 ]; then
-    needs+=(
-        "wrk            cmd:wrk"     # the benchmark
-    )
-fi
 
 have_dpkg=0
 command -v dpkg-query >/dev/null 2>&1 && have_dpkg=1
