@@ -207,6 +207,22 @@ fn the_idle_timeout_closes_silent_connections_and_spares_those_sending() {
 }
 
 #[test]
+fn a_head_that_stalls_until_both_timeouts_fall_due_together_ends_on_the_header_timeout() {
+    let timeout = Duration::from_millis(300);
+    let server = start(Wait::Head, |c| {
+        c.idle_timeout = Some(timeout);
+        c.header_timeout = Some(timeout);
+    });
+    let mut slow = client(&server);
+    wait_for(&server, "parked", |s| s.parked == 1);
+    // Its first and last bytes: both timers start at this moment.
+    slow.write_all(b"GET / HTTP/1.1\r\n").unwrap();
+    let snap = wait_for(&server, "the stalled head closed", |s| s.parked == 0);
+    assert_eq!((snap.park.closed_header, snap.park.closed_idle), (1, 0), "{snap:?}");
+    assert!(closed_by_server(&mut slow));
+}
+
+#[test]
 fn the_header_timeout_closes_an_incomplete_head_and_only_that() {
     let server = start(Wait::Head, |c| {
         c.idle_timeout = None;

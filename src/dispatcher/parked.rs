@@ -104,6 +104,22 @@ impl Entry {
 /// (deadline, index, serial), in the order they were set.
 type TimerQueue = VecDeque<(Instant, usize, u32)>;
 
+/// The two timeouts of a parked connection, each with its FIFO queue.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+enum Timer {
+    Idle,
+    Header,
+}
+
+impl Timer {
+    fn deadline(self, entry: &Entry) -> Option<Instant> {
+        match self {
+            Timer::Idle => entry.idle_deadline,
+            Timer::Header => entry.header_deadline,
+        }
+    }
+}
+
 /// What an event on a parked connection came to.
 #[derive(Debug)]
 pub enum Outcome {
@@ -202,8 +218,7 @@ impl ParkedSet {
         self.count += 1;
         self.counters.parked_total += 1;
         if let Some(deadline) = idle_deadline {
-            self.idle.push_back((deadline, index, serial));
-            self.compact_idle();
+            self.push_timer(Timer::Idle, deadline, index, serial);
         }
         if handed_back {
             self.evictable_count += 1;
@@ -269,51 +284,70 @@ impl ParkedSet {
             self.evictable_count -= 1;
         }
         if let Some(deadline) = header_deadline.filter(|_| first_bytes) {
-            self.header.push_back((deadline, index, serial));
-            self.compact_header();
+            self.push_timer(Timer::Header, deadline, index, serial);
         }
         if let Some(deadline) = idle_deadline {
-            self.idle.push_back((deadline, index, serial));
-            self.compact_idle();
+            self.push_timer(Timer::Idle, deadline, index, serial);
         }
         Outcome::Parked
     }
 
-    /// Closes the connections whose idle or header time is up.
+    /// Closes the connections whose idle or header time is up. Header first: a head that stalls
+    /// until both fall due together ended on its header timeout.
     pub fn expire(&mut self, epoll: &Epoll, now: Instant) {
-        while let Some(&(deadline, index, serial)) = self.idle.front().filter(|(d, ..)| *d <= now) {
-            self.idle.pop_front();
-            if self.current(index, serial).is_some_and(|e| e.idle_deadline == Some(deadline)) {
+        for timer in [Timer::Header, Timer::Idle] {
+            while let Some(index) = self.next_due(timer).filter(|(d, ..)| *d <= now).map(|(_, i, _)| i) {
+                self.queue(timer).pop_front();
                 drop(self.remove(epoll, index));
-                self.counters.closed_idle += 1;
-            }
-        }
-        while let Some(&(deadline, index, serial)) = self.header.front().filter(|(d, ..)| *d <= now) {
-            self.header.pop_front();
-            if self.current(index, serial).is_some_and(|e| e.header_deadline == Some(deadline)) {
-                drop(self.remove(epoll, index));
-                self.counters.closed_header += 1;
+                match timer {
+                    Timer::Idle => self.counters.closed_idle += 1,
+                    Timer::Header => self.counters.closed_header += 1,
+                }
             }
         }
     }
 
-    /// The earliest deadline of a parked connection (stale heads are dropped on the way).
+    /// The earliest deadline of a parked connection.
     pub fn next_deadline(&mut self) -> Option<Instant> {
-        while let Some(&(deadline, index, serial)) = self.idle.front() {
-            if self.current(index, serial).is_some_and(|e| e.idle_deadline == Some(deadline)) {
-                break;
-            }
-            self.idle.pop_front();
+        let idle = self.next_due(Timer::Idle).map(|e| e.0);
+        let header = self.next_due(Timer::Header).map(|e| e.0);
+        match (idle, header) {
+            (Some(a), Some(b)) => Some(a.min(b)),
+            (a, b) => a.or(b),
         }
-        while let Some(&(deadline, index, serial)) = self.header.front() {
-            if self.current(index, serial).is_some_and(|e| e.header_deadline == Some(deadline)) {
-                break;
+    }
+
+    /// The head of a timer's queue that is still set, dropping stale heads on the way (their
+    /// connection has left, or its timer was set again later).
+    fn next_due(&mut self, timer: Timer) -> Option<(Instant, usize, u32)> {
+        while let Some(&head) = self.queue(timer).front() {
+            if self.is_set(timer, head) {
+                return Some(head);
             }
-            self.header.pop_front();
+            self.queue(timer).pop_front();
         }
-        match (self.idle.front(), self.header.front()) {
-            (Some(a), Some(b)) => Some(a.0.min(b.0)),
-            (a, b) => a.or(b).map(|e| e.0),
+        None
+    }
+
+    fn queue(&mut self, timer: Timer) -> &mut TimerQueue {
+        match timer {
+            Timer::Idle => &mut self.idle,
+            Timer::Header => &mut self.header,
+        }
+    }
+
+    fn is_set(&self, timer: Timer, (deadline, index, serial): (Instant, usize, u32)) -> bool {
+        self.current(index, serial).is_some_and(|e| timer.deadline(e) == Some(deadline))
+    }
+
+    /// Queues a timer, and drops the stale entries when they outnumber the live ones, so that
+    /// a queue never grows beyond a small multiple of the parked connections.
+    fn push_timer(&mut self, timer: Timer, deadline: Instant, index: usize, serial: u32) {
+        self.queue(timer).push_back((deadline, index, serial));
+        if self.queue(timer).len() > 2 * self.count + 64 {
+            let mut queue = std::mem::take(self.queue(timer));
+            queue.retain(|&entry| self.is_set(timer, entry));
+            *self.queue(timer) = queue;
         }
     }
 
@@ -335,22 +369,6 @@ impl ParkedSet {
     }
 
     /// Drops stale entries once a queue holds more than twice the parked connections.
-    fn compact_idle(&mut self) {
-        if self.idle.len() > 2 * self.count + 64 {
-            let mut queue = std::mem::take(&mut self.idle);
-            queue.retain(|&(d, i, s)| self.current(i, s).is_some_and(|e| e.idle_deadline == Some(d)));
-            self.idle = queue;
-        }
-    }
-
-    fn compact_header(&mut self) {
-        if self.header.len() > 2 * self.count + 64 {
-            let mut queue = std::mem::take(&mut self.header);
-            queue.retain(|&(d, i, s)| self.current(i, s).is_some_and(|e| e.header_deadline == Some(d)));
-            self.header = queue;
-        }
-    }
-
     fn compact_evictable(&mut self) {
         if self.evictable.len() > 2 * self.count + 64 {
             let mut queue = std::mem::take(&mut self.evictable);
