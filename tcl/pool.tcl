@@ -95,13 +95,24 @@ proc ::socketserver::pool::CheckPrefix {what value} {
     }
 }
 
-proc ::socketserver::pool::ParseOptions {config words} {
+# The option a word names: the option itself or a unique prefix of it, as with Tcl's own
+# commands (and the same errors: bad or ambiguous option, TCL LOOKUP INDEX option).
+proc ::socketserver::pool::Option {word} {
     variable options
+    return [tcl::prefix match -message option $options $word]
+}
+
+# -option value ... with every option spelled out.
+proc ::socketserver::pool::FullOptions {words} {
+    set full {}
     foreach {option value} $words {
-        if {$option ni $options} {
-            return -code error -errorcode [list TCL LOOKUP INDEX option $option] \
-                "bad option \"$option\": must be [join [lrange $options 0 end-1] {, }], or [lindex $options end]"
-        }
+        lappend full [Option $option] $value
+    }
+    return $full
+}
+
+proc ::socketserver::pool::ParseOptions {config words} {
+    foreach {option value} [FullOptions $words] {
         switch -- $option {
             -workers - -maxconnections - -timeout - -grace - -restartdelay - -maxrestartdelay {
                 if {![string is entier -strict $value] || $value < 0} {
@@ -131,11 +142,7 @@ proc ::socketserver::pool::ParseOptions {config words} {
 }
 
 proc ::socketserver::pool::Dispatch {name method words} {
-    set methods {cget configure reload resize stats stop wait}
-    if {$method ni $methods} {
-        return -code error -errorcode [list TCL LOOKUP INDEX method $method] \
-            "bad method \"$method\": must be [join [lrange $methods 0 end-1] {, }], or [lindex $methods end]"
-    }
+    set method [tcl::prefix match -message method {cget configure reload resize stats stop wait} $method]
     # While a stop runs (in a nested event loop) the pool is as good as stopped; a second stop
     # returns at once.
     if {([set ${name}::stopped] || ([set ${name}::stopping] && $method ne "stop"))
@@ -147,12 +154,7 @@ proc ::socketserver::pool::Dispatch {name method words} {
             if {[llength $words] != 1} {
                 return -code error -errorcode {TCL WRONGARGS} "wrong # args: should be \"$name cget option\""
             }
-            set config [set ${name}::config]
-            set option [lindex $words 0]
-            if {![dict exists $config $option]} {
-                ParseOptions $config [list $option {}] ;# raises the bad option error
-            }
-            return [dict get $config $option]
+            return [dict get [set ${name}::config] [Option [lindex $words 0]]]
         }
         configure {
             if {[llength $words] == 0} {
@@ -161,6 +163,7 @@ proc ::socketserver::pool::Dispatch {name method words} {
             if {[llength $words] % 2} {
                 return -code error -errorcode {TCL WRONGARGS} "wrong # args: should be \"$name configure ?-option value ...?\""
             }
+            set words [FullOptions $words]
             foreach {option value} $words {
                 if {$option in {-port -signals}} {
                     return -code error -errorcode {SOCKETSERVER POOL READONLY} "option \"$option\" can only be set at create"
@@ -192,7 +195,7 @@ proc ::socketserver::pool::Dispatch {name method words} {
         }
         stop {
             set grace [dict get [set ${name}::config] -grace]
-            if {[llength $words] == 2 && [lindex $words 0] eq "-grace"} {
+            if {[llength $words] == 2 && [Option [lindex $words 0]] eq "-grace"} {
                 set grace [dict get [ParseOptions [set ${name}::config] $words] -grace]
             } elseif {[llength $words] != 0} {
                 return -code error -errorcode {TCL WRONGARGS} "wrong # args: should be \"$name stop ?-grace ms?\""
