@@ -307,17 +307,21 @@ impl Dispatcher {
 
     /// Parks the connections a worker has handed back (at most `limit`).
     fn take_handbacks(&mut self, slot: usize, limit: usize) {
-        let Some(worker) = self.workers.get_mut(slot) else { return };
-        // Out of fds, a hand-back would arrive without its connection (the kernel closes it):
-        // free the reserve for it, take it back after.
-        if !fdpass::has_free_fds(worker.mailbox.as_fd(), 1) {
-            self.reserve.clear();
-        }
-        let (conns, dropped) = worker.read_handbacks(limit);
-        self.take_reserve();
-        self.dropped += dropped;
-        for conn in conns {
-            self.park(conn, true);
+        for _ in 0..limit {
+            let Some(worker) = self.workers.get_mut(slot) else { return };
+            // Out of fds, a hand-back would arrive without its connection (the kernel closes
+            // it): free the reserve for it, take it back after. One at a time, so that each
+            // finds an fd.
+            if !fdpass::has_free_fds(worker.mailbox.as_fd(), 1) {
+                self.reserve.clear();
+            }
+            let handback = worker.read_handback();
+            self.take_reserve();
+            match handback {
+                Some(Some(conn)) => self.park(conn, true),
+                Some(None) => self.dropped += 1,
+                None => return, // the mailbox is empty
+            }
         }
     }
 

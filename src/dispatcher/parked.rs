@@ -228,10 +228,12 @@ impl ParkedSet {
         Ok(())
     }
 
-    /// Closes the longest-idle evictable connection, if there is one.
+    /// Closes the longest-idle evictable connection, if there is one. One whose bytes (or end)
+    /// are in the kernel but whose event this thread has not served yet is no longer a
+    /// candidate: its event comes (the fds are edge-triggered), and its request is never lost.
     pub fn evict_one(&mut self, epoll: &Epoll) -> bool {
         while let Some((index, serial)) = self.evictable.pop_front() {
-            if self.current(index, serial).is_some_and(Entry::evictable) {
+            if self.current(index, serial).is_some_and(|e| e.evictable() && !has_bytes(&e.conn)) {
                 drop(self.remove(epoll, index));
                 self.counters.evicted += 1;
                 return true;
@@ -298,6 +300,12 @@ impl ParkedSet {
         for timer in [Timer::Header, Timer::Idle] {
             while let Some(index) = self.next_due(timer).filter(|(d, ..)| *d <= now).map(|(_, i, _)| i) {
                 self.queue(timer).pop_front();
+                // Idle, as far as this thread has seen; but bytes that came since are served by
+                // their event, still to come (edge-triggered), not lost to the timer.
+                let unseen_bytes = self.entries[index].as_ref().is_some_and(|e| !e.has_sent && has_bytes(&e.conn));
+                if timer == Timer::Idle && unseen_bytes {
+                    continue;
+                }
                 drop(self.remove(epoll, index));
                 match timer {
                     Timer::Idle => self.counters.closed_idle += 1,

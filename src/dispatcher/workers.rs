@@ -126,41 +126,28 @@ impl Worker {
         }
         (found, dropped)
     }
-}
 
-impl Worker {
-    /// Reads up to `limit` hand-backs from the dispatcher's end of its mailbox: each must carry
-    /// one TCP socket, which is moved out of the way of select(). Anything else is dropped (its
-    /// fds closed) and counted. Returns the connections and how many messages were dropped.
-    pub fn read_handbacks(&self, limit: usize) -> (Vec<Connection>, u64) {
+    /// Takes one hand-back from the worker's end of its mailbox: the connection, if the message
+    /// is well formed and carries a TCP socket; `Some(None)` if it was not (closed, counted by
+    /// the caller); `None` if there is none.
+    pub fn read_handback(&self) -> Option<Option<Connection>> {
         let mut buf = [0u8; MAX_MESSAGE];
-        let mut conns = Vec::new();
-        let mut dropped = 0;
-        for _ in 0..limit {
-            // Received fds are adopted or closed before the section ends: no fork catches them.
-            let section = CreateSection::enter();
-            match fdpass::recv_with_fds(self.mailbox.as_fd(), &mut buf) {
-                Ok(Received::Message(len, mut fds)) => {
-                    let conn = match (fds.pop(), wire::decode_handback(&buf[..len])) {
-                        (Some(fd), Some(peer)) if fds.is_empty() && fdpass::is_tcp_stream(fd.as_fd()) => {
-                            section.adopt(fdpass::above_select_range(fd)).ok().map(|fd| Connection { fd, peer })
-                        }
-                        _ => None,
-                    };
-                    match conn {
-                        Some(conn) => conns.push(conn),
-                        None => dropped += 1,
-                    }
+        // Received fds are adopted or closed before the section ends: no fork catches them.
+        let section = CreateSection::enter();
+        match fdpass::recv_with_fds(self.mailbox.as_fd(), &mut buf) {
+            Ok(Received::Message(len, mut fds)) => Some(match (fds.pop(), wire::decode_handback(&buf[..len])) {
+                (Some(fd), Some(peer)) if fds.is_empty() && fdpass::is_tcp_stream(fd.as_fd()) => {
+                    section.adopt(fdpass::above_select_range(fd)).ok().map(|fd| Connection { fd, peer })
                 }
-                // Malformed, or its connection lost for lack of fds.
-                Err(err) if err.kind() == io::ErrorKind::InvalidData || err.raw_os_error() == Some(libc::EMFILE) => {
-                    dropped += 1
-                }
-                // Empty; never closed (we hold both ends); or a failing socket.
-                _ => break,
+                _ => None,
+            }),
+            // Malformed, or its connection lost for lack of fds.
+            Err(err) if err.kind() == io::ErrorKind::InvalidData || err.raw_os_error() == Some(libc::EMFILE) => {
+                Some(None)
             }
+            // Empty; never closed (we hold both ends); or a failing socket.
+            _ => None,
         }
-        (conns, dropped)
     }
 }
 
