@@ -4,7 +4,7 @@
 #   tclsh examples/http_server.tcl ?-myaddr 127.0.0.1? ?-port 8080? ?-workers 4?
 #       ?-maxconnections 1000? ?-timeout 30000? ?-queue 0? ?-keepalive park|hold|off?
 #       ?-wait head? ?-idletimeout 60000? ?-headertimeout 10000? ?-maxparked n?
-#       ?-maxbody 1048576?
+#       ?-maxbody 1048576? ?-systemd name | -fd n?
 #
 # The process binds the port with `::socketserver::socket server` and starts a
 # pool with `::socketserver::pool create`: it becomes the pool's monitor and
@@ -305,14 +305,14 @@ proc usage {{why ""}} {
     puts stderr "usage: [file tail [info script]] ?-myaddr addr? ?-port port? ?-workers n?\
                  ?-maxconnections n? ?-timeout ms? ?-queue n? ?-keepalive park|hold|off?\
                  ?-wait none|data|head? ?-idletimeout ms? ?-headertimeout ms? ?-maxparked n?\
-                 ?-maxbody bytes?"
+                 ?-maxbody bytes? ?-systemd name? ?-fd n?"
     exit 2
 }
 
 array set opt {
     -myaddr 127.0.0.1 -port 8080 -workers 4 -maxconnections 1000 -timeout 30000 -queue 0
     -keepalive park -wait head -idletimeout 60000 -headertimeout 10000 -maxparked {}
-    -maxbody 1048576
+    -maxbody 1048576 -systemd {} -fd {}
 }
 if {[llength $argv] % 2} {usage "option without value: [lindex $argv end]"}
 foreach {name value} $argv {
@@ -346,6 +346,13 @@ set serveropts [list -myaddr $opt(-myaddr) -queue $opt(-queue) -wait $opt(-wait)
 if {$opt(-maxparked) ne ""} {
     lappend serveropts -maxparked $opt(-maxparked)
 }
+# Under a service manager (socket activation): serve the socket it passed (-systemd name, * for
+# the first) or an inherited fd (-fd n) instead of binding -myaddr/-port.
+if {$opt(-systemd) ne "" || $opt(-fd) ne ""} {
+    set serveropts [lrange $serveropts 2 end]
+    lappend serveropts {*}[expr {$opt(-fd) ne "" ? [list -fd $opt(-fd)] : [list -systemd $opt(-systemd)]}]
+    set opt(-port) 0
+}
 if {[catch {::socketserver::socket server {*}$serveropts $opt(-port)} port]} {
     puts stderr "http_server: $port"
     exit 1
@@ -360,7 +367,8 @@ if {[catch {
     exit 2
 }
 
-set host [expr {[string match *:* $opt(-myaddr)] ? "\[$opt(-myaddr)\]" : $opt(-myaddr)}]
+set address [dict get [::socketserver::info $port] address] ;# an adopted socket's own
+set host [expr {[string match *:* $address] ? "\[$address\]" : $address}]
 set url http://$host:$port/
 set pids [dict keys [dict get [$pool stats] workers]]
 puts "serving on $url with [llength $pids] workers (pids [join $pids {, }]),\

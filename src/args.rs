@@ -4,7 +4,7 @@ use crate::dispatcher::{ServerConfig, Wait};
 use std::net::{IpAddr, Ipv4Addr, SocketAddr, ToSocketAddrs};
 use std::time::Duration;
 
-pub const SERVER_USAGE: &str = "?-myaddr addr? ?-backlog n? ?-queue n? ?-maxworkers n? ?-wait none|data|head? ?-delimiter bytes? ?-headsize n? ?-idletimeout ms? ?-headertimeout ms? ?-maxparked n? port";
+pub const SERVER_USAGE: &str = "?-myaddr addr? ?-backlog n? ?-queue n? ?-maxworkers n? ?-wait none|data|head? ?-delimiter bytes? ?-headsize n? ?-idletimeout ms? ?-headertimeout ms? ?-maxparked n? ?-fd n? ?-systemd name? ?port?";
 pub const CLIENT_USAGE: &str = "?-port port? handler";
 pub const CLOSE_USAGE: &str = "port";
 pub const INFO_USAGE: &str = "?port?";
@@ -144,24 +144,36 @@ fn resolve(host: &str) -> CmdResult<IpAddr> {
 /// `server ?-option value ...? port` (see [`SERVER_USAGE`]) — `args` are the words after
 /// `server`.
 pub fn parse_server(args: &[&str]) -> CmdResult<ServerConfig> {
-    const OPTIONS: [&str; 10] = [
+    const OPTIONS: [&str; 12] = [
         "-backlog", "-delimiter", "-headertimeout", "-headsize", "-idletimeout", "-maxparked", "-maxworkers",
         "-myaddr", "-queue", "-wait",
+        "-fd", "-systemd",
     ];
+    /// The indexes of the options that adopt an inherited socket, with which the port may be left out.
+    const ADOPTING: [usize; 2] = [10, 11];
     let wrong = CmdError::WrongArgs { words: 2, usage: SERVER_USAGE };
-    let Some((port, options)) = args.split_last() else { return Err(wrong) };
-    if port.starts_with('-') && lookup(port, &OPTIONS, "option").is_ok() {
-        return Err(CmdError::new(format!("value for \"{port}\" missing"), &["TCL", "ARGUMENT", "MISSING"]));
-    }
-    if options.len() % 2 == 1 {
-        return Err(wrong);
+    let adopting = |options: &[&str]| {
+        options.chunks_exact(2).any(|pair| lookup(pair[0], &OPTIONS, "option").is_ok_and(|i| ADOPTING.contains(&i)))
+    };
+    let (port, options) = match args.split_last() {
+        Some((port, options)) if options.len() % 2 == 0 => (Some(*port), options),
+        _ if adopting(args) => (None, args),
+        _ => return Err(wrong),
+    };
+    if let Some(port) = port.filter(|port| port.starts_with('-')) {
+        if lookup(port, &OPTIONS, "option").is_ok() {
+            return Err(CmdError::new(format!("value for \"{port}\" missing"), &["TCL", "ARGUMENT", "MISSING"]));
+        }
     }
     let mut config = ServerConfig::new(SocketAddr::new(Ipv4Addr::UNSPECIFIED.into(), 0));
     let mut host = None;
+    let mut given = Vec::new();
     for pair in options.chunks_exact(2) {
         let value = pair[1];
         // The index into OPTIONS.
-        match lookup(pair[0], &OPTIONS, "option")? {
+        let index = lookup(pair[0], &OPTIONS, "option")?;
+        given.push(index);
+        match index {
             0 => config.backlog = parse_count(value)?,
             1 => config.delimiter = parse_delimiter(value)?,
             2 => config.header_timeout = parse_timeout(value)?,
@@ -171,10 +183,27 @@ pub fn parse_server(args: &[&str]) -> CmdResult<ServerConfig> {
             6 => config.max_workers = Some(parse_positive(value)?),
             7 => host = Some(value),
             8 => config.queue_limit = parse_count(value)? as usize,
-            _ => config.wait = Wait::from_index(lookup(value, &Wait::NAMES, "wait mode")?).expect("a name's index"),
+            9 => config.wait = Wait::from_index(lookup(value, &Wait::NAMES, "wait mode")?).expect("a name's index"),
+            10 => config.fd = Some(parse_decimal(value, "file descriptor number", "NUMBER")?),
+            _ => config.systemd = Some(value.to_string()),
         }
     }
-    let port = parse_port(port)?;
+    if config.fd.is_some() || config.systemd.is_some() {
+        let conflict = |text: String| Err(CmdError::new(text, &["SOCKETSERVER", "ADOPT", "CONFLICT"]));
+        let adopting = if config.fd.is_some() { "-fd" } else { "-systemd" };
+        if config.fd.is_some() && config.systemd.is_some() {
+            return conflict("\"-fd\" and \"-systemd\" cannot be used together".into());
+        }
+        // -backlog and -myaddr: the socket's owner has chosen them.
+        if let Some(&index) = given.iter().find(|&&index| index == 0 || index == 7) {
+            let option = OPTIONS[index];
+            return conflict(format!("\"{option}\" cannot be used with \"{adopting}\": the adopted socket is listening already"));
+        }
+    }
+    let port = match port {
+        Some(port) => parse_port(port)?,
+        None => 0,
+    };
     let ip = match host {
         Some(host) => resolve(host)?,
         None => Ipv4Addr::UNSPECIFIED.into(),
@@ -310,10 +339,45 @@ mod tests {
     }
 
     #[test]
+    fn server_adopts_an_inherited_socket_with_or_without_a_port() {
+        let parsed = parse_server(&["-fd", "3"]).unwrap();
+        assert_eq!(parsed, ServerConfig { fd: Some(3), ..config("0.0.0.0:0") });
+        let parsed = parse_server(&["-queue", "2", "-fd", "0", "8080"]).unwrap();
+        assert_eq!(parsed, ServerConfig { fd: Some(0), queue_limit: 2, ..config("0.0.0.0:8080") });
+        let parsed = parse_server(&["-s", "http", "-wait", "head"]).unwrap();
+        assert_eq!(parsed, ServerConfig { systemd: Some("http".into()), wait: Wait::Head, ..config("0.0.0.0:0") });
+        assert_eq!(parse_server(&["-systemd", "*", "80"]).unwrap().systemd.as_deref(), Some("*"));
+    }
+
+    #[test]
+    fn server_reports_bad_adoption_options() {
+        for bad in ["-1", "x", "2147483648", ""] {
+            assert_eq!(text(parse_server(&["-fd", bad]).unwrap_err()), format!("expected file descriptor number but got \"{bad}\""));
+        }
+        let conflict = |words: &[&str]| match parse_server(words).unwrap_err() {
+            CmdError::Message { text, code } if code == ["SOCKETSERVER", "ADOPT", "CONFLICT"] => text,
+            other => panic!("expected a conflict, got {other:?}"),
+        };
+        assert_eq!(conflict(&["-fd", "3", "-systemd", "x"]), "\"-fd\" and \"-systemd\" cannot be used together");
+        assert_eq!(
+            conflict(&["-my", "::1", "-fd", "3"]),
+            "\"-myaddr\" cannot be used with \"-fd\": the adopted socket is listening already"
+        );
+        assert_eq!(
+            conflict(&["-systemd", "x", "-backlog", "5", "80"]),
+            "\"-backlog\" cannot be used with \"-systemd\": the adopted socket is listening already"
+        );
+        // Without an adopting option the port is required, as before.
+        assert_eq!(parse_server(&["-queue", "1"]), Err(CmdError::WrongArgs { words: 2, usage: SERVER_USAGE }));
+        assert_eq!(text(parse_server(&["-fd", "3", "-queue"]).unwrap_err()), "value for \"-queue\" missing");
+        assert_eq!(text(parse_server(&["-fd", "3", "x"]).unwrap_err()), "expected port number from 0 to 65535 but got \"x\"");
+    }
+
+    #[test]
     fn server_reports_bad_arguments_in_tcl_style() {
         assert_eq!(parse_server(&[]), Err(CmdError::WrongArgs { words: 2, usage: SERVER_USAGE }));
         assert_eq!(parse_server(&["1", "2"]), Err(CmdError::WrongArgs { words: 2, usage: SERVER_USAGE }));
-        let all = "-backlog, -delimiter, -headertimeout, -headsize, -idletimeout, -maxparked, -maxworkers, -myaddr, -queue, or -wait";
+        let all = "-backlog, -delimiter, -headertimeout, -headsize, -idletimeout, -maxparked, -maxworkers, -myaddr, -queue, -wait, -fd, or -systemd";
         assert_eq!(text(parse_server(&["-x", "1", "80"]).unwrap_err()), format!("bad option \"-x\": must be {all}"));
         assert_eq!(text(parse_server(&["-m", "1", "80"]).unwrap_err()), format!("ambiguous option \"-m\": must be {all}"));
         assert_eq!(text(parse_server(&["-maxworkers", "-1", "80"]).unwrap_err()), "expected positive integer but got \"-1\"");

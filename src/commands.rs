@@ -6,8 +6,10 @@
 //! them, and `close` merely forgets them), and links registered by an ancestor are dropped before
 //! anything else happens, so that the child registers as a worker of its own.
 
+use crate::activation::{self, Passed};
 use crate::args::{self, CmdError, CmdResult};
 use crate::dispatcher::{Server, FDS_PER_WORKER};
+use crate::fdpass::Unfit;
 use crate::ffi::{self, Obj};
 use crate::process;
 use crate::tcl_stubs::{ClientData, Tcl_Interp};
@@ -27,6 +29,8 @@ pub struct InterpState {
     slots: HashMap<u16, Slot>,
     /// Scripts for trapped signals; while any is set, the interp is in [`TRAPPERS`].
     traps: HashMap<Signal, Obj>,
+    /// The sockets a service manager passed, once `-systemd` has read (and unset) the variables.
+    passed: Option<Passed>,
 }
 
 pub type StateCell = RefCell<InterpState>;
@@ -53,7 +57,7 @@ struct HandlerTarget {
 
 impl InterpState {
     pub fn new(interp: *mut Tcl_Interp) -> InterpState {
-        InterpState { interp, servers: Vec::new(), slots: HashMap::new(), traps: HashMap::new() }
+        InterpState { interp, servers: Vec::new(), slots: HashMap::new(), traps: HashMap::new(), passed: None }
     }
 
     fn server(&self, port: u16) -> Option<&Server> {
@@ -144,7 +148,21 @@ pub fn socket_command(cell: &StateCell, objv: &[Obj], words: &[String]) -> CmdRe
 }
 
 fn server(state: &mut InterpState, rest: &[&str]) -> CmdResult<Obj> {
-    let config = args::parse_server(rest)?;
+    let mut config = args::parse_server(rest)?;
+    if let Some(name) = &config.systemd {
+        config.fd = Some(passed(state)?.find(name)?);
+    }
+    if let Some(fd) = config.fd {
+        let bound = listening_address(fd, config.systemd.as_deref())?;
+        let asked = config.address.port();
+        if asked != 0 && asked != bound.port() {
+            return Err(CmdError::new(
+                format!("fd {fd} listens on port {}, not {asked}", bound.port()),
+                &["SOCKETSERVER", "ADOPT", "PORT"],
+            ));
+        }
+        config.address = bound;
+    }
     let port = config.address.port();
     if port != 0 && state.server(port).is_some_and(Server::is_owner) {
         return Ok(Obj::int(port.into()));
@@ -155,6 +173,51 @@ fn server(state: &mut InterpState, rest: &[&str]) -> CmdResult<Obj> {
     state.servers.retain(|(p, _)| *p != port);
     state.servers.push((port, server));
     Ok(Obj::int(port.into()))
+}
+
+/// The sockets the service manager passed to this process. The first call reads the variables
+/// of the protocol and unsets them through Tcl's env, so that no program this process runs takes
+/// them for its own (as sd_listen_fds(3) does when asked to); it also makes every passed fd
+/// close-on-exec. The sockets then belong to this interp.
+fn passed(state: &mut InterpState) -> CmdResult<&Passed> {
+    let me = std::process::id();
+    // A forked child's copy is its parent's.
+    if state.passed.as_ref().is_some_and(|passed| passed.pid != me) {
+        state.passed = None;
+    }
+    if state.passed.is_none() {
+        let [pid, fds, names] = activation::VARIABLES.map(|name| ffi::get_env(state.interp, name));
+        if pid.is_some() || fds.is_some() || names.is_some() {
+            for name in activation::VARIABLES {
+                ffi::unset_env(state.interp, name);
+            }
+        }
+        let passed = Passed::parse(pid.as_deref(), fds.as_deref(), names.as_deref(), me)?;
+        for fd in passed.fds() {
+            // Not open (a manager's mistake): the check of the adopted fd reports it.
+            let _ = nix::fcntl::fcntl(fd, nix::fcntl::FcntlArg::F_SETFD(nix::fcntl::FdFlag::FD_CLOEXEC));
+        }
+        state.passed = Some(passed);
+    }
+    Ok(state.passed.as_ref().expect("set above"))
+}
+
+/// The address `fd` listens on, or why it cannot be adopted (`name`: the `-systemd` name it has).
+fn listening_address(fd: std::os::fd::RawFd, name: Option<&str>) -> CmdResult<std::net::SocketAddr> {
+    let subject = match name {
+        Some(name) => format!("fd {fd} (socket \"{name}\" of the service manager)"),
+        None => format!("fd {fd}"),
+    };
+    let unfit = |what: &str, code: &str| {
+        Err(CmdError::new(format!("{subject} is not {what}"), &["SOCKETSERVER", "ADOPT", code, &fd.to_string()]))
+    };
+    match crate::fdpass::listening_address(fd) {
+        Ok(address) => Ok(address),
+        Err(Unfit::NotSocket) => unfit("a socket", "NOTSOCKET"),
+        Err(Unfit::NotTcp) => unfit("a TCP socket", "NOTTCP"),
+        Err(Unfit::NotListening) => unfit("listening", "NOTLISTENING"),
+        Err(Unfit::Io(err)) => Err(posix(&format!("couldn't adopt {subject}"), err)),
+    }
 }
 
 fn client(cell: &StateCell, state: &mut InterpState, port: Option<u16>, handler: Obj) -> CmdResult<Obj> {

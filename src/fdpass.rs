@@ -262,6 +262,50 @@ pub fn listen(addr: SocketAddr, backlog: u32) -> io::Result<OwnedFd> {
     Ok(fd)
 }
 
+/// Why an inherited fd cannot be a server's listener.
+#[derive(Debug)]
+pub enum Unfit {
+    /// Not open (EBADF), or another failure to look at it.
+    Io(io::Error),
+    NotSocket,
+    /// A socket, but not TCP (UDP, a Unix socket, ...).
+    NotTcp,
+    /// A TCP socket that is not listening.
+    NotListening,
+}
+
+/// The address of `fd` if it is a listening TCP (AF_INET or AF_INET6 SOCK_STREAM) socket: what
+/// `-fd` and `-systemd` adopt.
+pub fn listening_address(fd: RawFd) -> Result<SocketAddr, Unfit> {
+    nix::fcntl::fcntl(fd, nix::fcntl::FcntlArg::F_GETFD).map_err(|e| Unfit::Io(errno(e)))?;
+    // SAFETY: fd is open (just checked), and nothing on this thread closes it while borrowed.
+    let fd = unsafe { BorrowedFd::borrow_raw(fd) };
+    match getsockopt(&fd, sockopt::SockType) {
+        Err(nix::errno::Errno::ENOTSOCK) => return Err(Unfit::NotSocket),
+        Err(e) => return Err(Unfit::Io(errno(e))),
+        Ok(_) if !is_tcp_stream(fd) => return Err(Unfit::NotTcp),
+        Ok(_) => {}
+    }
+    if getsockopt(&fd, sockopt::AcceptConn) != Ok(true) {
+        return Err(Unfit::NotListening);
+    }
+    local_addr(fd).map_err(Unfit::Io)
+}
+
+/// A close-on-exec duplicate of the listening socket `fd` (checked by [`listening_address`]),
+/// for a server to own: `fd` itself stays open and is left to whoever passed it (a service
+/// manager's socket outlives the server). The socket is made non-blocking, which its other fds
+/// share: another process accepting from it too must never leave the dispatcher blocked in
+/// accept(2).
+pub fn adopt_listener(fd: RawFd) -> io::Result<OwnedFd> {
+    // SAFETY: fd is open (the caller checked it), and nothing on this thread closes it meanwhile.
+    let own = spare_fd(unsafe { BorrowedFd::borrow_raw(fd) })?;
+    let flags = nix::fcntl::fcntl(own.as_raw_fd(), nix::fcntl::FcntlArg::F_GETFL).map_err(errno)?;
+    let flags = nix::fcntl::OFlag::from_bits_retain(flags) | nix::fcntl::OFlag::O_NONBLOCK;
+    nix::fcntl::fcntl(own.as_raw_fd(), nix::fcntl::FcntlArg::F_SETFL(flags)).map_err(errno)?;
+    Ok(own)
+}
+
 /// The address a socket is bound to.
 pub fn local_addr(fd: BorrowedFd) -> io::Result<SocketAddr> {
     let addr: SockaddrStorage = socket::getsockname(fd.as_raw_fd()).map_err(errno)?;
@@ -493,6 +537,39 @@ mod tests {
         let mut reply = [0; 2];
         client.read_exact(&mut reply).unwrap();
         assert_eq!(&reply, b"hi");
+    }
+
+    #[test]
+    fn only_a_listening_tcp_socket_can_be_adopted() {
+        let listener = listen("127.0.0.1:0".parse().unwrap(), 4).unwrap();
+        let addr = local_addr(listener.as_fd()).unwrap();
+        assert_eq!(listening_address(listener.as_raw_fd()).unwrap(), addr);
+        let unbound = socket::socket(AddressFamily::Inet, SockType::Stream, SockFlag::SOCK_CLOEXEC, None).unwrap();
+        let udp = std::net::UdpSocket::bind("127.0.0.1:0").unwrap();
+        let (unix, _peer) = seqpacket_pair().unwrap();
+        let file = std::fs::File::open("/dev/null").unwrap();
+        assert!(matches!(listening_address(unbound.as_raw_fd()), Err(Unfit::NotListening)));
+        assert!(matches!(listening_address(udp.as_raw_fd()), Err(Unfit::NotTcp)));
+        assert!(matches!(listening_address(unix.as_raw_fd()), Err(Unfit::NotTcp)));
+        assert!(matches!(listening_address(file.as_raw_fd()), Err(Unfit::NotSocket)));
+        let closed = spare_fd(file.as_fd()).unwrap().as_raw_fd(); // closed again at once
+        assert!(matches!(listening_address(closed), Err(Unfit::Io(e)) if e.raw_os_error() == Some(libc::EBADF)));
+    }
+
+    #[test]
+    fn an_adopted_listener_is_a_nonblocking_duplicate() {
+        let listener = listen("127.0.0.1:0".parse().unwrap(), 4).unwrap();
+        let addr = local_addr(listener.as_fd()).unwrap();
+        // As a service manager passes it: blocking.
+        nix::fcntl::fcntl(listener.as_raw_fd(), nix::fcntl::FcntlArg::F_SETFL(nix::fcntl::OFlag::empty())).unwrap();
+        let own = adopt_listener(listener.as_raw_fd()).unwrap();
+        assert_ne!(own.as_raw_fd(), listener.as_raw_fd());
+        assert_eq!(identity(own.as_fd()), identity(listener.as_fd()));
+        let err = accept(own.as_fd()).unwrap_err();
+        assert_eq!(err.kind(), io::ErrorKind::WouldBlock, "no connection yet: accept must not block");
+        drop(own);
+        let _client = TcpStream::connect(addr).unwrap();
+        assert!(accept(listener.as_fd()).is_ok(), "the passed fd stays open and listening");
     }
 
     #[test]

@@ -859,6 +859,28 @@ unsafe extern "C" fn run_close_script(event: *mut crate::tcl_stubs::Tcl_Event, f
     1
 }
 
+
+/// `$::env(name)`, if set and valid UTF-8: read through Tcl's env array, which mirrors (and
+/// may have changed) the process environment.
+pub fn get_env(interp: *mut Tcl_Interp, name: &str) -> Option<String> {
+    let name = CString::new(name).ok()?;
+    // SAFETY: interp is the caller's live interp; the strings are NUL-terminated; Tcl returns a
+    // string it owns (or null), which we copy at once.
+    unsafe {
+        let value = crate::tcl_stubs::Tcl_GetVar2(interp, c"env".as_ptr(), name.as_ptr(), crate::tcl_stubs::TCL_GLOBAL_ONLY as c_int);
+        (!value.is_null()).then(|| CStr::from_ptr(value).to_str().ok().map(str::to_owned)).flatten()
+    }
+}
+
+/// `unset -nocomplain ::env(name)`: Tcl removes it from the process environment as well, so
+/// that programs this process runs do not see it.
+pub fn unset_env(interp: *mut Tcl_Interp, name: &str) {
+    let Ok(name) = CString::new(name) else { return };
+    // SAFETY: interp is the caller's live interp; the strings are NUL-terminated. Without
+    // TCL_LEAVE_ERR_MSG a missing variable leaves the interp's result alone.
+    unsafe { crate::tcl_stubs::Tcl_UnsetVar2(interp, c"env".as_ptr(), name.as_ptr(), crate::tcl_stubs::TCL_GLOBAL_ONLY as c_int) };
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;

@@ -4,6 +4,7 @@
 //! This file is the package's entry point and the only place that knows its Tcl names.
 #![warn(clippy::undocumented_unsafe_blocks)]
 
+mod activation;
 mod args;
 mod commands;
 mod dispatcher;

@@ -16,7 +16,7 @@ pub use clib::{
     ClientData, Tcl_Channel, Tcl_ChannelProc, Tcl_ChannelType, Tcl_CloseProc, Tcl_CmdDeleteProc, Tcl_Command,
     Tcl_DString, Tcl_Event, Tcl_FileProc, Tcl_Interp, Tcl_InterpDeleteProc, Tcl_InterpState, Tcl_NotifierProcs, Tcl_Obj,
     Tcl_ObjCmdProc, Tcl_QueuePosition, Tcl_QueuePosition_TCL_QUEUE_TAIL, Tcl_Time, Tcl_TimerProc, Tcl_TimerToken,
-    Tcl_WideInt, TCL_ERROR, TCL_EVAL_GLOBAL, TCL_FILE_EVENTS, TCL_OK, TCL_READABLE, TCL_WRITABLE,
+    Tcl_WideInt, TCL_ERROR, TCL_EVAL_GLOBAL, TCL_FILE_EVENTS, TCL_GLOBAL_ONLY, TCL_OK, TCL_READABLE, TCL_WRITABLE,
 };
 
 /// `TCL_STUB_MAGIC` of tcl.h (bindgen skips its cast): the mark of a Tcl 8 stubs table.
@@ -119,6 +119,7 @@ stub_functions! {
     Tcl_GetSlave = tcl_GetSlave(interp: *mut Tcl_Interp, name: *const c_char) -> *mut Tcl_Interp;
     Tcl_GetStringFromObj = tcl_GetStringFromObj(obj: *mut Tcl_Obj, length_ptr: *mut c_int) -> *mut c_char;
     Tcl_GetTopChannel = tcl_GetTopChannel(chan: Tcl_Channel) -> Tcl_Channel;
+    Tcl_GetVar2 = tcl_GetVar2(interp: *mut Tcl_Interp, part1: *const c_char, part2: *const c_char, flags: c_int) -> *const c_char;
     Tcl_InputBuffered = tcl_InputBuffered(chan: Tcl_Channel) -> c_int;
     Tcl_InterpDeleted = tcl_InterpDeleted(interp: *mut Tcl_Interp) -> c_int;
     Tcl_IsChannelShared = tcl_IsChannelShared(channel: Tcl_Channel) -> c_int;
@@ -144,6 +145,7 @@ stub_functions! {
     Tcl_SetObjErrorCode = tcl_SetObjErrorCode(interp: *mut Tcl_Interp, error_obj: *mut Tcl_Obj);
     Tcl_SetObjResult = tcl_SetObjResult(interp: *mut Tcl_Interp, result_obj: *mut Tcl_Obj);
     Tcl_UnregisterChannel = tcl_UnregisterChannel(interp: *mut Tcl_Interp, chan: Tcl_Channel) -> c_int;
+    Tcl_UnsetVar2 = tcl_UnsetVar2(interp: *mut Tcl_Interp, part1: *const c_char, part2: *const c_char, flags: c_int) -> c_int;
     Tcl_WrongNumArgs = tcl_WrongNumArgs(interp: *mut Tcl_Interp, objc: c_int, objv: *const *mut Tcl_Obj, message: *const c_char);
 }
 

@@ -693,6 +693,9 @@ proc ::socketserver::pool::WorkerFinished {} {
 proc ::socketserver::pool::WorkerRetire {} {
     variable worker
     dict set worker retiring 1
+    # A stop closes the server before it signals: a connection the dispatcher already sent to
+    # this idle worker waits in its mailbox, and nobody else would serve it. Take it first.
+    update
     if {![dict get $worker busy]} {
         set ::socketserver::pool::worker_done 0
     }

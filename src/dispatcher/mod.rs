@@ -89,6 +89,12 @@ pub struct ServerConfig {
     pub header_timeout: Option<Duration>,
     /// `-maxparked`; None: [`default_max_parked`].
     pub max_parked: Option<usize>,
+    /// `-fd`, or the fd `-systemd` names: an inherited listening socket to serve instead of
+    /// binding `address` (a duplicate of it, so the fd itself stays open; checked before start
+    /// with `fdpass::listening_address`, whose answer `address` then is).
+    pub fd: Option<std::os::fd::RawFd>,
+    /// `-systemd`: the name of the socket the service manager passed.
+    pub systemd: Option<String>,
 }
 
 impl ServerConfig {
@@ -105,6 +111,8 @@ impl ServerConfig {
             idle_timeout: Some(Duration::from_secs(60)),
             header_timeout: Some(Duration::from_secs(10)),
             max_parked: None,
+            fd: None,
+            systemd: None,
         }
     }
 }
@@ -126,13 +134,18 @@ pub struct Server {
 }
 
 impl Server {
-    /// Binds and listens at once, so every failure is reported here, then starts the thread.
+    /// Binds and listens at once (or adopts `config.fd`), so every failure is reported here, then
+    /// starts the thread.
     pub fn start(mut config: ServerConfig) -> io::Result<Server> {
         crate::fork_safety::install()?;
         config.max_workers = Some(config.max_workers.unwrap_or_else(default_max_workers));
         config.max_parked = Some(config.max_parked.unwrap_or_else(default_max_parked).min(parked::MAX_PARKED));
         let section = CreateSection::enter();
-        let listener = section.adopt(fdpass::listen(config.address, config.backlog)?)?;
+        let listener = match config.fd {
+            Some(fd) => fdpass::adopt_listener(fd)?,
+            None => fdpass::listen(config.address, config.backlog)?,
+        };
+        let listener = section.adopt(listener)?;
         let (registration, registrar) = fdpass::seqpacket_pair()?;
         let registrar = section.adopt(registrar)?;
         let (control, thread_control) = fdpass::seqpacket_pair()?;
