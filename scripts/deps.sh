@@ -50,6 +50,7 @@ needs=(
     "valgrind       cmd:valgrind"    # signals.test: trap scripts that delete interps, checked for reads of freed memory
     "wrk            cmd:wrk"         # park.test (keep-alive load on the example); the benchmark
     "python3        cmd:python3"     # park.test: 10,000 connections without Tcl's bind() per socket
+    "haproxy        cmd:haproxy"     # agent.test: two hosts behind a real HAProxy with agent-check
 )
 
 have_dpkg=0
