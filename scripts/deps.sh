@@ -51,6 +51,7 @@ needs=(
     "wrk            cmd:wrk"         # park.test (keep-alive load on the example); the benchmark
     "python3        cmd:python3"     # park.test: 10,000 connections without Tcl's bind() per socket
     "systemd        cmd:systemd-socket-activate"  # activate.test: a real service manager passing a socket
+    "haproxy        cmd:haproxy"     # agent.test: two hosts behind a real HAProxy with agent-check
 )
 
 have_dpkg=0

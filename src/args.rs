@@ -4,10 +4,11 @@ use crate::dispatcher::{ServerConfig, Wait};
 use std::net::{IpAddr, Ipv4Addr, SocketAddr, ToSocketAddrs};
 use std::time::Duration;
 
-pub const SERVER_USAGE: &str = "?-myaddr addr? ?-backlog n? ?-queue n? ?-maxworkers n? ?-wait none|data|head? ?-delimiter bytes? ?-headsize n? ?-idletimeout ms? ?-headertimeout ms? ?-maxparked n? ?-fd n? ?-systemd name? ?port?";
+pub const SERVER_USAGE: &str = "?-myaddr addr? ?-backlog n? ?-queue n? ?-maxworkers n? ?-wait none|data|head? ?-delimiter bytes? ?-headsize n? ?-idletimeout ms? ?-headertimeout ms? ?-maxparked n? ?-agent port? ?-fd n? ?-systemd name? ?port?";
 pub const CLIENT_USAGE: &str = "?-port port? handler";
 pub const CLOSE_USAGE: &str = "port";
 pub const INFO_USAGE: &str = "?port?";
+pub const DRAIN_USAGE: &str = "port ?bool?";
 
 /// The largest `-headsize`: far above any real request head, and a bound on what the
 /// dispatcher peeks at once.
@@ -144,16 +145,15 @@ fn resolve(host: &str) -> CmdResult<IpAddr> {
 /// `server ?-option value ...? port` (see [`SERVER_USAGE`]) — `args` are the words after
 /// `server`.
 pub fn parse_server(args: &[&str]) -> CmdResult<ServerConfig> {
-    const OPTIONS: [&str; 12] = [
-        "-backlog", "-delimiter", "-headertimeout", "-headsize", "-idletimeout", "-maxparked", "-maxworkers",
-        "-myaddr", "-queue", "-wait",
-        "-fd", "-systemd",
+    const OPTIONS: [&str; 13] = [
+        "-agent", "-backlog", "-delimiter", "-fd", "-headertimeout", "-headsize", "-idletimeout", "-maxparked",
+        "-maxworkers", "-myaddr", "-queue", "-systemd", "-wait",
     ];
-    /// The indexes of the options that adopt an inherited socket, with which the port may be left out.
-    const ADOPTING: [usize; 2] = [10, 11];
+    /// The options that adopt an inherited socket, with which the port may be left out.
+    const ADOPTING: [&str; 2] = ["-fd", "-systemd"];
     let wrong = CmdError::WrongArgs { words: 2, usage: SERVER_USAGE };
     let adopting = |options: &[&str]| {
-        options.chunks_exact(2).any(|pair| lookup(pair[0], &OPTIONS, "option").is_ok_and(|i| ADOPTING.contains(&i)))
+        options.chunks_exact(2).any(|pair| lookup(pair[0], &OPTIONS, "option").is_ok_and(|i| ADOPTING.contains(&OPTIONS[i])))
     };
     let (port, options) = match args.split_last() {
         Some((port, options)) if options.len() % 2 == 0 => (Some(*port), options),
@@ -170,22 +170,22 @@ pub fn parse_server(args: &[&str]) -> CmdResult<ServerConfig> {
     let mut given = Vec::new();
     for pair in options.chunks_exact(2) {
         let value = pair[1];
-        // The index into OPTIONS.
-        let index = lookup(pair[0], &OPTIONS, "option")?;
-        given.push(index);
-        match index {
-            0 => config.backlog = parse_count(value)?,
-            1 => config.delimiter = parse_delimiter(value)?,
-            2 => config.header_timeout = parse_timeout(value)?,
-            3 => config.head_size = parse_head_size(value)?,
-            4 => config.idle_timeout = parse_timeout(value)?,
-            5 => config.max_parked = Some(parse_positive(value)?),
-            6 => config.max_workers = Some(parse_positive(value)?),
-            7 => host = Some(value),
-            8 => config.queue_limit = parse_count(value)? as usize,
-            9 => config.wait = Wait::from_index(lookup(value, &Wait::NAMES, "wait mode")?).expect("a name's index"),
-            10 => config.fd = Some(parse_decimal(value, "file descriptor number", "NUMBER")?),
-            _ => config.systemd = Some(value.to_string()),
+        let option = OPTIONS[lookup(pair[0], &OPTIONS, "option")?];
+        given.push(option);
+        match option {
+            "-agent" => config.agent = Some(parse_port(value)?),
+            "-backlog" => config.backlog = parse_count(value)?,
+            "-delimiter" => config.delimiter = parse_delimiter(value)?,
+            "-fd" => config.fd = Some(parse_decimal(value, "file descriptor number", "NUMBER")?),
+            "-headertimeout" => config.header_timeout = parse_timeout(value)?,
+            "-headsize" => config.head_size = parse_head_size(value)?,
+            "-idletimeout" => config.idle_timeout = parse_timeout(value)?,
+            "-maxparked" => config.max_parked = Some(parse_positive(value)?),
+            "-maxworkers" => config.max_workers = Some(parse_positive(value)?),
+            "-myaddr" => host = Some(value),
+            "-queue" => config.queue_limit = parse_count(value)? as usize,
+            "-systemd" => config.systemd = Some(value.to_string()),
+            _ => config.wait = Wait::from_index(lookup(value, &Wait::NAMES, "wait mode")?).expect("a name's index"),
         }
     }
     if config.fd.is_some() || config.systemd.is_some() {
@@ -195,8 +195,7 @@ pub fn parse_server(args: &[&str]) -> CmdResult<ServerConfig> {
             return conflict("\"-fd\" and \"-systemd\" cannot be used together".into());
         }
         // -backlog and -myaddr: the socket's owner has chosen them.
-        if let Some(&index) = given.iter().find(|&&index| index == 0 || index == 7) {
-            let option = OPTIONS[index];
+        if let Some(&option) = given.iter().find(|&&option| option == "-backlog" || option == "-myaddr") {
             return conflict(format!("\"{option}\" cannot be used with \"{adopting}\": the adopted socket is listening already"));
         }
     }
@@ -230,6 +229,29 @@ pub fn parse_close(args: &[&str]) -> CmdResult<u16> {
     match args {
         [port] => parse_port(port),
         _ => Err(CmdError::WrongArgs { words: 2, usage: CLOSE_USAGE }),
+    }
+}
+
+/// A boolean as Tcl reads one: an integer (0 is false), or a unique prefix of true, false, yes,
+/// no, on or off, in any case.
+pub fn parse_bool(word: &str) -> CmdResult<bool> {
+    const BOOLEANS: [(&str, bool); 6] =
+        [("false", false), ("no", false), ("off", false), ("on", true), ("true", true), ("yes", true)];
+    if let Ok(n) = parse_decimal::<u64>(word, "", "") {
+        return Ok(n != 0);
+    }
+    match lookup(&word.to_ascii_lowercase(), &BOOLEANS.map(|(name, _)| name), "boolean") {
+        Ok(index) => Ok(BOOLEANS[index].1),
+        Err(_) => Err(CmdError::new(format!("expected boolean value but got \"{word}\""), &["TCL", "VALUE", "NUMBER"])),
+    }
+}
+
+/// `drain port ?bool?` — the port, and the state to set if given.
+pub fn parse_drain(args: &[&str]) -> CmdResult<(u16, Option<bool>)> {
+    match args {
+        [port] => Ok((parse_port(port)?, None)),
+        [port, on] => Ok((parse_port(port)?, Some(parse_bool(on)?))),
+        _ => Err(CmdError::WrongArgs { words: 2, usage: DRAIN_USAGE }),
     }
 }
 
@@ -377,7 +399,7 @@ mod tests {
     fn server_reports_bad_arguments_in_tcl_style() {
         assert_eq!(parse_server(&[]), Err(CmdError::WrongArgs { words: 2, usage: SERVER_USAGE }));
         assert_eq!(parse_server(&["1", "2"]), Err(CmdError::WrongArgs { words: 2, usage: SERVER_USAGE }));
-        let all = "-backlog, -delimiter, -headertimeout, -headsize, -idletimeout, -maxparked, -maxworkers, -myaddr, -queue, -wait, -fd, or -systemd";
+        let all = "-agent, -backlog, -delimiter, -fd, -headertimeout, -headsize, -idletimeout, -maxparked, -maxworkers, -myaddr, -queue, -systemd, or -wait";
         assert_eq!(text(parse_server(&["-x", "1", "80"]).unwrap_err()), format!("bad option \"-x\": must be {all}"));
         assert_eq!(text(parse_server(&["-m", "1", "80"]).unwrap_err()), format!("ambiguous option \"-m\": must be {all}"));
         assert_eq!(text(parse_server(&["-maxworkers", "-1", "80"]).unwrap_err()), "expected positive integer but got \"-1\"");
@@ -388,6 +410,35 @@ mod tests {
         assert_eq!(text(parse_server(&["-backlog", "x", "80"]).unwrap_err()), "expected non-negative integer but got \"x\"");
         let message = text(parse_server(&["-myaddr", "no.such.host.invalid", "80"]).unwrap_err());
         assert!(message.starts_with("couldn't resolve address \"no.such.host.invalid\": "), "{message}");
+    }
+
+    #[test]
+    fn server_takes_an_agent_port() {
+        assert_eq!(parse_server(&["80"]).unwrap().agent, None);
+        assert_eq!(parse_server(&["-agent", "0", "80"]).unwrap().agent, Some(0));
+        assert_eq!(parse_server(&["-ag", "8081", "80"]).unwrap().agent, Some(8081));
+        let message = text(parse_server(&["-agent", "65536", "80"]).unwrap_err());
+        assert_eq!(message, "expected port number from 0 to 65535 but got \"65536\"");
+        assert_eq!(text(parse_server(&["-agent"]).unwrap_err()), "value for \"-agent\" missing");
+    }
+
+    #[test]
+    fn drain_takes_a_port_and_a_tcl_boolean() {
+        assert_eq!(parse_drain(&["80"]), Ok((80, None)));
+        for (word, on) in [("1", true), ("0", false), ("10", true), ("true", true), ("T", true), ("no", false)] {
+            assert_eq!(parse_drain(&["80", word]), Ok((80, Some(on))), "{word}");
+        }
+        for (word, on) in [("yes", true), ("off", false), ("of", false), ("ON", true), ("f", false)] {
+            assert_eq!(parse_bool(word), Ok(on), "{word}");
+        }
+        for bad in ["", "o", "x", "-1", "truth", " 1"] {
+            let err = parse_bool(bad).unwrap_err();
+            let code = ["TCL", "VALUE", "NUMBER"].map(String::from).to_vec();
+            assert_eq!(err, CmdError::Message { text: format!("expected boolean value but got \"{bad}\""), code });
+        }
+        assert_eq!(parse_drain(&[]), Err(CmdError::WrongArgs { words: 2, usage: DRAIN_USAGE }));
+        assert_eq!(parse_drain(&["1", "2", "3"]), Err(CmdError::WrongArgs { words: 2, usage: DRAIN_USAGE }));
+        assert_eq!(text(parse_drain(&["x"]).unwrap_err()), "expected port number from 0 to 65535 but got \"x\"");
     }
 
     #[test]

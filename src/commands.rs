@@ -120,9 +120,9 @@ fn posix(prefix: &str, err: io::Error) -> CmdError {
     }
 }
 
-/// `::socketserver::socket server|client|close|park ...`
+/// `::socketserver::socket server|client|close|drain|park ...`
 pub fn socket_command(cell: &StateCell, objv: &[Obj], words: &[String]) -> CmdResult<Obj> {
-    const SUBCOMMANDS: [&str; 4] = ["client", "close", "park", "server"];
+    const SUBCOMMANDS: [&str; 5] = ["client", "close", "drain", "park", "server"];
     let Some(sub) = words.get(1) else {
         return Err(CmdError::WrongArgs { words: 1, usage: "subcommand ?arg ...?" });
     };
@@ -138,6 +138,10 @@ pub fn socket_command(cell: &StateCell, objv: &[Obj], words: &[String]) -> CmdRe
         "close" => {
             let port = args::parse_close(&rest)?;
             close(&mut state, port)
+        }
+        "drain" => {
+            let (port, on) = args::parse_drain(&rest)?;
+            drain(&state, port, on)
         }
         "park" => match rest[..] {
             [channel] => park(state, channel),
@@ -286,6 +290,24 @@ fn close(state: &mut InterpState, port: u16) -> CmdResult<Obj> {
     Ok(Obj::string(""))
 }
 
+/// `drain port ?bool?`: sets the drain state of a server this process serves, if asked, and
+/// returns it (read back from the dispatcher, so it is the state the agent answers with).
+fn drain(state: &InterpState, port: u16, on: Option<bool>) -> CmdResult<Obj> {
+    let server = state.server(port).ok_or_else(|| CmdError::no_server(port))?;
+    if !server.is_owner() {
+        return Err(CmdError::new(
+            format!("cannot drain port {port}: it is served by the process this one was forked from"),
+            &["SOCKETSERVER", "NOTOWNER", &port.to_string()],
+        ));
+    }
+    let failed = |e| posix(&format!("socketserver on port {port}"), e);
+    if let Some(on) = on {
+        server.drain(on).map_err(failed)?;
+    }
+    let snap = server.snapshot().map_err(failed)?;
+    Ok(Obj::int(snap.agent.draining.into()))
+}
+
 /// `park channel`: hands the connection under `channel` back to the dispatcher, to be parked
 /// until its client sends more, and closes the channel (1); or refuses (0) and leaves it as it
 /// was, because Tcl has already read input ahead into it, which the dispatcher could not give
@@ -376,6 +398,10 @@ pub fn info_command(cell: &StateCell, words: &[String]) -> CmdResult<Obj> {
             ("closedheader", Obj::int(snap.park.closed_header as i64)),
             ("closedpeer", Obj::int(snap.park.closed_peer as i64)),
             ("evicted", Obj::int(snap.park.evicted as i64)),
+            ("agentport", Obj::int(snap.agent.port.into())),
+            ("draining", Obj::int(snap.agent.draining.into())),
+            ("agentanswers", Obj::int(snap.agent.answers as i64)),
+            ("agentdrains", Obj::int(snap.agent.drains as i64)),
             ("maxworkers", Obj::int(snap.max_workers.into())),
             ("refused", Obj::int(snap.refused as i64)),
             ("dropped", Obj::int(snap.dropped as i64)),

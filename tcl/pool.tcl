@@ -11,12 +11,17 @@
 # a kept-alive connection back to the dispatcher frees its worker the same way. A worker that is told to retire (SIGTERM) finishes its current connection
 # and exits; an idle one exits at once, and a connection the dispatcher had already sent it goes
 # to another worker (the dispatcher reads back a connection that a worker had not taken).
+#
+# Behind a load balancer with an agent check (`server -agent`), stop and reload drain first: the
+# agent answers `drain`, and the pool waits (up to -draintime ms) until a balancer has heard it
+# and stopped sending, before it closes the port or replaces the workers (see Drain).
 
 namespace eval ::socketserver::pool {
     variable counter 0
     variable running {}    ;# pools not yet stopped, all served by one SIGCHLD trap
     variable options {-port -workers -init -maxconnections -timeout -grace -log -signals -notifier
-                      -restartdelay -maxrestartdelay}
+                      -restartdelay -maxrestartdelay
+                      -draintime}
     namespace export create
     namespace ensemble create -subcommands {create}
 }
@@ -26,14 +31,14 @@ proc ::socketserver::pool::create {args} {
     variable counter
     if {[llength $args] % 2 == 0} {
         return -code error -errorcode {TCL WRONGARGS} \
-            "wrong # args: should be \"::socketserver::pool create ?-port port? ?-workers n? ?-init script? ?-maxconnections n? ?-timeout ms? ?-grace ms? ?-log command? ?-signals bool? ?-notifier poll|tcl? ?-restartdelay ms? ?-maxrestartdelay ms? handler\""
+            "wrong # args: should be \"::socketserver::pool create ?-port port? ?-workers n? ?-init script? ?-maxconnections n? ?-timeout ms? ?-grace ms? ?-log command? ?-signals bool? ?-notifier poll|tcl? ?-restartdelay ms? ?-maxrestartdelay ms? ?-draintime ms? handler\""
     }
     set handler [lindex $args end]
     # Checked here, once, rather than failing later in every worker.
     CheckPrefix handler $handler
     set config [dict create -port {} -workers 4 -init {} -maxconnections 0 -timeout 0 \
                     -grace 5000 -log [list ::socketserver::pool::LogToStderr] -signals 0 \
-                    -notifier poll -restartdelay 1000 -maxrestartdelay 60000]
+                    -notifier poll -restartdelay 1000 -maxrestartdelay 60000 -draintime 3000]
     set config [ParseOptions $config [lrange $args 0 end-1]]
     if {[dict get $config -port] eq {}} {
         dict set config -port [dict get [::socketserver::info] port]
@@ -47,7 +52,7 @@ proc ::socketserver::pool::create {args} {
         variable workers [dict create] ;# pid -> {started ms role new|old|retiring registered 0|1}
         variable totals [dict create respawned 0 recycled 0 timeouts 0 reloads 0]
         variable counts [dict create accepted 0 delivered 0 parked 0 parkedtotal 0 handedback 0 \
-                             closedidle 0 closedheader 0 closedpeer 0 evicted 0]
+                             closedidle 0 closedheader 0 closedpeer 0 evicted 0 draining 0]
         variable stopping 0
         variable stopped 0
         variable tick {}
@@ -114,7 +119,7 @@ proc ::socketserver::pool::FullOptions {words} {
 proc ::socketserver::pool::ParseOptions {config words} {
     foreach {option value} [FullOptions $words] {
         switch -- $option {
-            -workers - -maxconnections - -timeout - -grace - -restartdelay - -maxrestartdelay {
+            -workers - -maxconnections - -timeout - -grace - -restartdelay - -maxrestartdelay - -draintime {
                 if {![string is entier -strict $value] || $value < 0} {
                     return -code error -errorcode {TCL VALUE NUMBER} \
                         "expected non-negative integer but got \"$value\""
@@ -345,6 +350,7 @@ proc ::socketserver::pool::Reload {name wait} {
         return
     }
     set reloading [dict create fresh {} failed 0 pending 0]
+    set drained [Drain $name]
     catch {ReloadRound $name $wait} result options
     while {[dict get $reloading pending] && !$stopping} {
         dict set reloading pending 0
@@ -353,6 +359,10 @@ proc ::socketserver::pool::Reload {name wait} {
         }
     }
     set reloading {}
+    if {$drained && !$stopping} {
+        catch {::socketserver::socket drain [dict get [set ${name}::config] -port] 0}
+        Log $name "reload done: no longer draining"
+    }
     return -options $options $result
 }
 
@@ -459,6 +469,9 @@ proc ::socketserver::pool::Stop {name grace} {
     set ${name}::restart {}
     set ${name}::backoff 0
     set port [dict get [set ${name}::config] -port]
+    if {[Drain $name]} {
+        ServeBacklog $name
+    }
     Log $name "stopping: no new connections; waiting up to $grace ms for busy workers"
     Stats $name ;# keeps the server's last counts for stats after the stop
     catch {::socketserver::socket close $port}
@@ -484,6 +497,62 @@ proc ::socketserver::pool::Stop {name grace} {
     }
     Log $name "stopped"
     set ${name}::stopped 1
+}
+
+# With an agent on the pool's port and -draintime > 0: sets the drain state, so the agent
+# answers `drain`, and waits until it has said so at least once (a balancer asked, and stops
+# sending new connections once it has read the answer), or -draintime ms have passed. Returns 1
+# if it set the drain state.
+proc ::socketserver::pool::Drain {name} {
+    set config [set ${name}::config]
+    set port [dict get $config -port]
+    set ms [dict get $config -draintime]
+    if {$ms == 0 || [catch {::socketserver::info $port} info] || [dict get $info agentport] == 0
+            || [catch {::socketserver::socket drain $port 1}]} {
+        return 0
+    }
+    # Counted from the snapshot after the drain was set: every `drain` answer after it is new.
+    set before [AgentDrains $port]
+    Log $name "draining: waiting up to $ms ms for a balancer to ask the agent"
+    WaitFor [expr {[clock milliseconds] + $ms}] {[AgentDrains $port] > $before}
+    if {[AgentDrains $port] > $before} {
+        Log $name "drain: a balancer was told"
+    } else {
+        Log $name "drain: no balancer asked within $ms ms"
+    }
+    return 1
+}
+
+proc ::socketserver::pool::AgentDrains {port} {
+    if {[catch {dict get [::socketserver::info $port] agentdrains} n]} {
+        return 0
+    }
+    return $n
+}
+
+# After a drain was heard: serves what the balancer sent before it read the answer (connections
+# in the listen queue would be reset by the close) until nothing is waiting, a worker is ready
+# and no connection came since the last look (10 ms before), at most -draintime ms.
+proc ::socketserver::pool::ServeBacklog {name} {
+    set config [set ${name}::config]
+    set port [dict get $config -port]
+    set last -1
+    WaitFor [expr {[clock milliseconds] + [dict get $config -draintime]}] {
+        [::socketserver::pool::Settled $port last]
+    }
+}
+
+# Whether the dispatcher of port has a ready worker, nothing queued, and has accepted nothing
+# since the count in the caller's variable lastVar (which it updates).
+proc ::socketserver::pool::Settled {port lastVar} {
+    upvar 1 $lastVar last
+    if {[catch {::socketserver::info $port} info]} {
+        return 1
+    }
+    set accepted [dict get $info accepted]
+    set settled [expr {$accepted == $last && [dict get $info ready] > 0 && [dict get $info queued] == 0}]
+    set last $accepted
+    return $settled
 }
 
 # The running pools created with -signals 1.

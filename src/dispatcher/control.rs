@@ -2,6 +2,8 @@
 //! the snapshot that answers `info`.
 //!
 //! - `S` (1 byte): stop.
+//! - `D` flag:u8 (2): drain (1) or stop draining (0); no answer (a snapshot asked for after it
+//!   sees it).
 //! - `I` id:u64 (9): a snapshot, please. The answer is `I` id:u64 errno:i32 (13), then, when
 //!   errno is 0, the encoded [`Snapshot`]: inline if it is at most [`INLINE_SNAPSHOT`] bytes (no
 //!   fd needed, so `info` works even when the process is out of fds), else in a memfd attached
@@ -12,8 +14,10 @@
 //! A snapshot: accepted:u64 delivered:u64 refused:u64 dropped:u64 parked:u64 parked_total:u64
 //! handed_back:u64 closed_idle:u64 closed_header:u64 closed_peer:u64 evicted:u64 queued:u32
 //! ready:u32 max_workers:u32 count:u32 (104 bytes), then `count` workers of 24 bytes each: pid:i32
-//! state:u32 delivered:u64 busy_ms:u64. Little-endian.
+//! state:u32 delivered:u64 busy_ms:u64, then the agent's: port:u32 draining:u32 answers:u64
+//! drains:u64 (24 bytes). Little-endian.
 
+use super::agent::AgentCounters;
 use super::parked::ParkCounters;
 
 /// What `::socketserver::info` reports of a dispatcher.
@@ -33,6 +37,7 @@ pub struct Snapshot {
     pub parked: u64,
     pub park: ParkCounters,
     pub workers: Vec<WorkerStatus>,
+    pub agent: AgentCounters,
 }
 
 /// One registered worker as the dispatcher sees it.
@@ -71,17 +76,21 @@ const SNAPSHOT: u8 = b'I';
 const HEADER_LEN: usize = 104;
 const COUNT_AT: usize = HEADER_LEN - 4;
 const WORKER_LEN: usize = 24;
+const AGENT_LEN: usize = 24;
+const DRAIN: u8 = b'D';
 
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
 pub enum Request {
     Stop,
     Snapshot(u64),
+    Drain(bool),
 }
 
 pub fn encode_request(request: Request) -> Vec<u8> {
     match request {
         Request::Stop => vec![STOP],
         Request::Snapshot(id) => [&[SNAPSHOT][..], &id.to_le_bytes()].concat(),
+        Request::Drain(on) => vec![DRAIN, on.into()],
     }
 }
 
@@ -89,6 +98,7 @@ pub fn decode_request(bytes: &[u8]) -> Option<Request> {
     match bytes {
         [STOP] => Some(Request::Stop),
         [SNAPSHOT, id @ ..] => Some(Request::Snapshot(u64::from_le_bytes(id.try_into().ok()?))),
+        [DRAIN, on @ (0 | 1)] => Some(Request::Drain(*on == 1)),
         _ => None,
     }
 }
@@ -124,7 +134,7 @@ pub fn decode_answer(bytes: &[u8]) -> Option<(u64, i32, &[u8])> {
 
 impl Snapshot {
     pub fn encode(&self) -> Vec<u8> {
-        let mut out = Vec::with_capacity(HEADER_LEN + WORKER_LEN * self.workers.len());
+        let mut out = Vec::with_capacity(HEADER_LEN + WORKER_LEN * self.workers.len() + AGENT_LEN);
         let p = &self.park;
         for n in [self.accepted, self.delivered, self.refused, self.dropped, self.parked, p.parked_total]
             .into_iter()
@@ -141,6 +151,11 @@ impl Snapshot {
             out.extend_from_slice(&w.delivered.to_le_bytes());
             out.extend_from_slice(&w.busy_ms.to_le_bytes());
         }
+        let agent = &self.agent;
+        out.extend_from_slice(&u32::from(agent.port).to_le_bytes());
+        out.extend_from_slice(&u32::from(agent.draining).to_le_bytes());
+        out.extend_from_slice(&agent.answers.to_le_bytes());
+        out.extend_from_slice(&agent.drains.to_le_bytes());
         out
     }
 
@@ -148,7 +163,8 @@ impl Snapshot {
         let u64_at = |i: usize| Some(u64::from_le_bytes(bytes.get(i..i + 8)?.try_into().ok()?));
         let u32_at = |i: usize| Some(u32::from_le_bytes(bytes.get(i..i + 4)?.try_into().ok()?));
         let count = u32_at(COUNT_AT)? as usize;
-        if bytes.len() != HEADER_LEN + count.checked_mul(WORKER_LEN)? {
+        let agent_at = HEADER_LEN + count.checked_mul(WORKER_LEN)?;
+        if bytes.len() != agent_at + AGENT_LEN {
             return None;
         }
         let workers = (0..count)
@@ -186,6 +202,16 @@ impl Snapshot {
             ready: u32_at(92)?,
             max_workers: u32_at(96)?,
             workers,
+            agent: AgentCounters {
+                port: u16::try_from(u32_at(agent_at)?).ok()?,
+                draining: match u32_at(agent_at + 4)? {
+                    0 => false,
+                    1 => true,
+                    _ => return None,
+                },
+                answers: u64_at(agent_at + 8)?,
+                drains: u64_at(agent_at + 16)?,
+            },
         })
     }
 }
@@ -209,22 +235,29 @@ mod tests {
             parked: 8,
             park: ParkCounters { parked_total: 9, handed_back: 10, closed_idle: 11, closed_header: 12, closed_peer: 13, evicted: 14 },
             workers: vec![busy, ready],
+            agent: AgentCounters { port: 8081, draining: true, answers: 15, drains: 16 },
         };
         let bytes = snap.encode();
         assert_eq!(Snapshot::decode(&bytes), Some(snap));
         assert_eq!(Snapshot::decode(&bytes[..bytes.len() - 1]), None);
         assert_eq!(Snapshot::decode(&[bytes.as_slice(), &[0]].concat()), None);
         assert_eq!(Snapshot::decode(&[0; HEADER_LEN - 1]), None);
-        assert_eq!(Snapshot::decode(&[0xff; HEADER_LEN]), None, "a count that does not fit");
+        assert_eq!(Snapshot::decode(&[0xff; HEADER_LEN + AGENT_LEN]), None, "a count that does not fit");
+        let mut bad = bytes.clone();
+        let draining_at = bytes.len() - AGENT_LEN + 4;
+        bad[draining_at] = 2;
+        assert_eq!(Snapshot::decode(&bad), None, "draining is 0 or 1");
     }
 
     #[test]
     fn requests_and_answers_round_trip() {
-        for request in [Request::Stop, Request::Snapshot(u64::MAX)] {
+        for request in [Request::Stop, Request::Snapshot(u64::MAX), Request::Drain(true), Request::Drain(false)] {
             assert_eq!(decode_request(&encode_request(request)), Some(request));
         }
         assert_eq!(decode_request(&[SNAPSHOT, 1]), None);
         assert_eq!(decode_request(&[]), None);
+        assert_eq!(decode_request(&[DRAIN, 2]), None);
+        assert_eq!(decode_request(&[DRAIN]), None);
         assert_eq!(decode_answer(&encode_answer(9, libc::EMFILE, &[])), Some((9, libc::EMFILE, &[][..])));
         assert_eq!(decode_answer(&encode_answer(9, 0, b"abc")), Some((9, 0, &b"abc"[..])));
         assert_eq!(decode_answer(&encode_answer(9, 0, &[])[..12]), None);

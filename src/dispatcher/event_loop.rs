@@ -14,10 +14,15 @@
 //! parked connection (see `parked`). Its wait times out at the earliest of the accept pause and
 //! the parked connections' next deadline.
 //!
+//! With `-agent`, the main set also holds the agent port's listener: each agent connection is
+//! answered and closed at once (see `agent`), so it costs one wake-up and O(workers) to count the
+//! ready ones.
+//!
 //! Every loop is bounded per wake-up (connections accepted, registrations, messages per link),
 //! and every message is read whatever its length, so no peer can make the thread spin or starve
 //! the others.
 
+use super::agent::Agent;
 use super::control::{self, Request, Snapshot};
 use super::parked::{Outcome, ParkPolicy, ParkedSet, Wait};
 use super::ready_queue::ReadyQueue;
@@ -50,6 +55,7 @@ const CONTROL: u64 = 0;
 const REGISTRAR: u64 = 1;
 const LISTENER: u64 = 2;
 const INNER: u64 = 3;
+const AGENT: u64 = 4;
 
 /// The members of the epoll sets that come and go.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
@@ -141,6 +147,8 @@ pub struct Dispatcher {
     /// copy of its end as a "link" (its SO_PEERCRED pid is the serving process's), which must be
     /// refused, or the dispatcher would answer itself.
     own_sockets: [Option<(u64, u64)>; 2],
+    /// The agent port (`-agent`) and the drain state.
+    agent: Agent,
 }
 
 fn errno(e: nix::errno::Errno) -> io::Error {
@@ -168,6 +176,10 @@ impl Dispatcher {
         watch(registrar.as_fd(), REGISTRAR)?;
         watch(listener.as_fd(), LISTENER)?;
         watch(links.as_fd(), INNER)?;
+        let agent = Agent::new(config.agent.map(|port| std::net::SocketAddr::new(config.address.ip(), port)))?;
+        if let Some(listener) = agent.listener() {
+            watch(listener, AGENT)?;
+        }
         Ok(Dispatcher {
             listener,
             registrar,
@@ -198,6 +210,7 @@ impl Dispatcher {
             nonces: RandomState::new(),
             nonce_count: 0,
             own_sockets,
+            agent,
         })
     }
 
@@ -228,6 +241,7 @@ impl Dispatcher {
                     REGISTRAR => self.register_workers(),
                     LISTENER => listener_ready = true,
                     INNER => self.serve_links(),
+                    AGENT => self.answer_agents(),
                     token => match member_of(token) {
                         // Only EPOLLHUP/EPOLLERR: the worker has gone. A READY it sent last does
                         // not count (a connection sent into its mailbox would only be read back).
@@ -593,6 +607,12 @@ impl Dispatcher {
         self.nonces.hash_one(self.nonce_count)
     }
 
+    /// Answers the agent connections that wait, with the share of workers ready now.
+    fn answer_agents(&mut self) {
+        self.catch_up();
+        self.agent.serve(self.workers.len(), self.ready.len());
+    }
+
     /// Answers the Tcl thread's requests; false when the thread should stop.
     fn serve_control(&mut self) -> bool {
         let mut buf = [0u8; 16];
@@ -606,6 +626,7 @@ impl Dispatcher {
             match request {
                 Some(Request::Snapshot(id)) => self.answer_snapshot(id),
                 Some(Request::Stop) => return false,
+                Some(Request::Drain(on)) => self.agent.counters.draining = on,
                 None => {} // the Tcl side sends none: ignore
             }
         }
@@ -661,6 +682,7 @@ impl Dispatcher {
             parked: self.parked.len() as u64,
             park: self.parked.counters,
             workers: self.workers.iter().map(Worker::status).collect(),
+            agent: self.agent.counters,
         }
     }
 }
@@ -677,7 +699,7 @@ mod tests {
                 assert_eq!(member_of(token), Some((member, index, serial)));
             }
         }
-        for fixed in [CONTROL, REGISTRAR, LISTENER, INNER] {
+        for fixed in [CONTROL, REGISTRAR, LISTENER, INNER, AGENT] {
             assert_eq!(member_of(fixed), None);
         }
     }

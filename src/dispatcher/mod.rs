@@ -23,8 +23,10 @@
 //! that idle and slow clients cost no worker (see `parked`).
 //!
 //! Modules: `event_loop` (the thread), `workers` (the registry), `ready_queue`, `parked` (parked
-//! connections and their timers), `control` (the Tcl thread's requests and the snapshot).
+//! connections and their timers), `control` (the Tcl thread's requests and the snapshot), `agent`
+//! (HAProxy's agent check and the drain state).
 
+mod agent;
 mod control;
 mod event_loop;
 #[cfg(test)]
@@ -95,6 +97,8 @@ pub struct ServerConfig {
     pub fd: Option<std::os::fd::RawFd>,
     /// `-systemd`: the name of the socket the service manager passed.
     pub systemd: Option<String>,
+    /// `-agent`: the port of HAProxy's agent check, on the same address (0: the kernel picks).
+    pub agent: Option<u16>,
 }
 
 impl ServerConfig {
@@ -113,6 +117,7 @@ impl ServerConfig {
             max_parked: None,
             fd: None,
             systemd: None,
+            agent: None,
         }
     }
 }
@@ -183,12 +188,7 @@ impl Server {
         let mut buf = vec![0u8; control::MAX_ANSWER];
         // Answers to earlier requests that timed out (their fds close as they drop).
         while let Ok(Received::Message(..)) = fdpass::recv_with_fds(self.control.as_fd(), &mut buf) {}
-        fdpass::send_message(self.control.as_fd(), &control::encode_request(Request::Snapshot(id))).map_err(|err| {
-            match err.raw_os_error() {
-                Some(libc::EPIPE | libc::ECONNRESET) => stopped(),
-                _ => err,
-            }
-        })?;
+        self.request(Request::Snapshot(id))?;
         let deadline = Instant::now() + REQUEST_TIMEOUT;
         loop {
             fdpass::wait_readable(self.control.as_fd(), deadline.saturating_duration_since(Instant::now()))?;
@@ -210,6 +210,24 @@ impl Server {
                 Err(err) => return Err(err),
             }
         }
+    }
+}
+
+impl Server {
+    /// Sets the drain state (the agent answers `drain` while it is on). Only in the owning
+    /// process. The dispatcher reads requests in order, so a snapshot asked for after this
+    /// returns sees it.
+    pub fn drain(&self, on: bool) -> io::Result<()> {
+        self.request(Request::Drain(on))
+    }
+
+    fn request(&self, request: Request) -> io::Result<()> {
+        fdpass::send_message(self.control.as_fd(), &control::encode_request(request)).map_err(|err| {
+            match err.raw_os_error() {
+                Some(libc::EPIPE | libc::ECONNRESET) => stopped(),
+                _ => err,
+            }
+        })
     }
 }
 
@@ -409,6 +427,43 @@ mod tests {
         drop(link);
         let snap = wait_for(&server, "the worker gone", |s| s.workers.is_empty());
         assert_eq!((snap.accepted, snap.delivered), (1, 1));
+    }
+
+    fn ask_agent(server: &Server) -> String {
+        let port = server.snapshot().unwrap().agent.port;
+        let mut line = String::new();
+        TcpStream::connect(("127.0.0.1", port)).unwrap().read_to_string(&mut line).unwrap();
+        line
+    }
+
+    #[test]
+    fn the_agent_answers_the_ready_share_and_drain_while_draining() {
+        let config = ServerConfig { agent: Some(0), ..ServerConfig::new("127.0.0.1:0".parse().unwrap()) };
+        let server = Server::start(config).unwrap();
+        assert_eq!(ask_agent(&server), "down\n", "no worker yet");
+        let mut ready = ready_worker(&server);
+        let _idle = WorkerLink::register(server.registration.as_fd()).unwrap();
+        wait_for(&server, "two workers", |s| s.workers.len() == 2);
+        assert_eq!(ask_agent(&server), "up ready 50%\n");
+        let _client = TcpStream::connect(server.address).unwrap();
+        let _taken = receive(&mut ready);
+        assert_eq!(ask_agent(&server), "up ready 1%\n", "both busy or idle: at least 1%");
+        server.drain(true).unwrap();
+        assert_eq!(ask_agent(&server), "drain\n");
+        server.drain(false).unwrap();
+        ready.arm().unwrap();
+        // The READY is read when the agent asks, not waited for.
+        assert_eq!(ask_agent(&server), "up ready 50%\n");
+        let agent = server.snapshot().unwrap().agent;
+        assert_eq!((agent.answers, agent.drains, agent.draining), (5, 1, false));
+    }
+
+    #[test]
+    fn without_agent_there_is_no_agent_port_but_drain_is_kept() {
+        let server = start(0);
+        server.drain(true).unwrap();
+        let agent = server.snapshot().unwrap().agent;
+        assert_eq!((agent.port, agent.draining, agent.answers), (0, true, 0));
     }
 
     #[test]
