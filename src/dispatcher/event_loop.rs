@@ -20,6 +20,7 @@
 
 use super::control::{self, Request, Snapshot};
 use super::parked::{Outcome, ParkPolicy, ParkedSet, Wait};
+use super::proxied::ProxyPolicy;
 use super::ready_queue::ReadyQueue;
 use super::workers::{self, Connection, Registry, Worker};
 use crate::fdpass::{self, Received};
@@ -189,6 +190,7 @@ impl Dispatcher {
                 idle_timeout: config.idle_timeout,
                 header_timeout: config.header_timeout,
                 max_parked: config.max_parked.unwrap_or_else(super::default_max_parked),
+                proxy: ProxyPolicy { accept: config.proxy, trusted: config.proxy_from.clone() },
             }),
             accepted: 0,
             delivered: 0,
@@ -251,16 +253,23 @@ impl Dispatcher {
     }
 
     /// With `-wait none`, accept only what ready workers and the queue can take; when
-    /// connections are parked, accept while fewer than `-maxparked` are held (parked, or ready
-    /// and waiting for a worker) or one can be evicted to make room.
+    /// connections are parked (`-wait data|head`, or `-proxy`: until their header is in),
+    /// accept while fewer than `-maxparked` are held (parked, or ready and waiting for a worker)
+    /// or one can be evicted to make room.
     fn can_accept(&self) -> bool {
         if self.accept_paused_until.is_some() {
             return false;
         }
-        match self.parked.wait() {
-            Wait::None => self.waiting.len() < self.ready.len() + self.queue_limit,
-            Wait::Data | Wait::Head => self.held() < self.parked.max_parked() || self.parked.evictable() > 0,
+        if self.parking() {
+            self.held() < self.parked.max_parked() || self.parked.evictable() > 0
+        } else {
+            self.waiting.len() < self.ready.len() + self.queue_limit
         }
+    }
+
+    /// Whether new connections may be parked.
+    fn parking(&self) -> bool {
+        self.parked.wait() != Wait::None || self.parked.proxy_enabled()
     }
 
     /// The connections this thread holds: parked, or waiting for a worker.
@@ -445,7 +454,7 @@ impl Dispatcher {
             if !self.can_accept() {
                 return;
             }
-            let parking = self.parked.wait() != Wait::None;
+            let parking = self.parking();
             let section = CreateSection::enter();
             let accepted = fdpass::accept(self.listener.as_fd()).and_then(|(fd, peer)| {
                 // Parked connections may be many: out of the way of the Tcl thread's select().
@@ -453,13 +462,16 @@ impl Dispatcher {
                 Ok(Connection { fd: section.adopt(fd)?, peer })
             });
             drop(section);
+            let accepted = accepted.map(|conn| {
+                self.accepted += 1;
+                // With -proxy, on only once its header is in (else it is parked for it, or closed).
+                let held = self.held();
+                self.parked.admit(&self.epoll, conn, held, Instant::now())
+            });
             match accepted {
-                Ok(conn) if parking => {
-                    self.accepted += 1;
-                    self.park(conn, false);
-                }
-                Ok(conn) => {
-                    self.accepted += 1;
+                Ok(None) => {}
+                Ok(Some(conn)) if self.parked.wait() != Wait::None => self.park(conn, false),
+                Ok(Some(conn)) => {
                     self.waiting.push_back(conn);
                     self.dispatch();
                 }

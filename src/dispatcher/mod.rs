@@ -32,6 +32,7 @@ mod hostile;
 #[cfg(test)]
 mod park_tests;
 mod parked;
+mod proxied;
 mod ready_queue;
 mod workers;
 
@@ -89,6 +90,10 @@ pub struct ServerConfig {
     pub header_timeout: Option<Duration>,
     /// `-maxparked`; None: [`default_max_parked`].
     pub max_parked: Option<usize>,
+    /// `-proxy`: the PROXY protocol headers new connections start with.
+    pub proxy: crate::proxy::Accept,
+    /// `-proxyfrom`: the sources whose headers are believed.
+    pub proxy_from: Vec<crate::proxy::Cidr>,
 }
 
 impl ServerConfig {
@@ -105,6 +110,8 @@ impl ServerConfig {
             idle_timeout: Some(Duration::from_secs(60)),
             header_timeout: Some(Duration::from_secs(10)),
             max_parked: None,
+            proxy: crate::proxy::Accept::None,
+            proxy_from: crate::proxy::default_trusted(),
         }
     }
 }
