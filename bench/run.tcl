@@ -54,6 +54,12 @@
 #           each given 1 s (ss4park, ss4waitnone) -> p50, p99, answered.
 #           The issue sets no target; the line checks -wait head's p99
 #           against the bound of its test, 100 ms.
+# The PROXY protocol (issue 12), two more configurations: ss4hap (4 workers
+# behind HAProxy, plain TCP) and ss4hapv2 (the same with HAProxy's
+# send-proxy-v2 and the server's -proxy v2), each with the herd and ab
+# scenarios through HAProxy.  The difference of their serving process's CPU
+# per connection is what reading the PROXY header costs (target <= 2 µs).
+# They run only when haproxy is installed (scripts/deps.sh --bench).
 # The idle and dripping clients and the timed requests come from the
 # `clients` example (bench/clients.rs), which raises its own fd limit; the
 # servers run with -backlog 1024 and, for ss4park, -maxparked 11000.
@@ -301,6 +307,41 @@ proc ::bench::parkcfg {name} {
     return [regexp {^(plainka|ss\d+(park|waitnone))$} $name]
 }
 
+# Is NAME one of the configurations behind HAProxy (see the top)?
+proc ::bench::hapcfg {name} {
+    return [regexp {^ss\d+hap(v2)?$} $name]
+}
+
+# Starts HAProxy on a free port in front of the server of REC (with
+# send-proxy-v2 for ss*hapv2); returns REC with port the frontend's, and
+# haproxy its pid.  HAProxy runs in the foreground (-db), one thread.
+proc ::bench::haproxy {rec} {
+    set s [socket -server list -myaddr 127.0.0.1 0]
+    set fport [lindex [fconfigure $s -sockname] 2]
+    close $s
+    set option [expr {[string match *v2 [dict get $rec name]] ? "send-proxy-v2" : ""}]
+    set conf [file tempfile path /tmp/socketserver-bench-haproxy.cfg]
+    puts $conf "global\n    maxconn 1024\n    nbthread 1\ndefaults\n    mode tcp\n    timeout connect 5s
+    timeout client 30s\n    timeout server 30s\nfrontend in\n    bind 127.0.0.1:$fport
+    default_backend host\nbackend host\n    server h1 127.0.0.1:[dict get $rec port] $option"
+    close $conf
+    set pid [exec haproxy -db -f $path >& /dev/null &]
+    dict set rec haproxy $pid
+    dict set rec pids [concat [dict get $rec pids] $pid]
+    # Up when the frontend takes a connection (bounded).
+    set deadline [expr {[clock milliseconds] + 5000}]
+    while {[catch {close [socket 127.0.0.1 $fport]}]} {
+        if {[clock milliseconds] > $deadline} {
+            file delete $path
+            error "haproxy did not listen on $fport within 5 s"
+        }
+        pause 20
+    }
+    file delete $path
+    dict set rec port $fport
+    return $rec
+}
+
 # The number of workers of a socketserver configuration (ssN...), else 0.
 proc ::bench::nworkers {name} {
     if {![regexp {^ss(\d+)} $name -> n]} {
@@ -365,6 +406,11 @@ proc ::bench::start {name ncores} {
         plainka {
             set cmd [list $tclsh [file join $here plain_server.tcl] -keepalive]
         }
+        ss*hap - ss*hapv2 {
+            regexp {^ss(\d+)hap(v2)?$} $name -> n v2
+            set cmd [ss_command [list $tclsh [file join $here ss_server.tcl] -workers $n \
+                    -backlog 1024 -proxy [expr {$v2 ne "" ? "v2" : "none"}]] $n]
+        }
         ss*park - ss*waitnone {
             variable maxparked
             regexp {^ss(\d+)(park|waitnone)$} $name -> n variant
@@ -414,6 +460,10 @@ proc ::bench::start {name ncores} {
         }
     }
     dict set rec pids [concat [dict get $rec pid] [dict get $rec workers]]
+    if {[hapcfg $name]} {
+        set servers [lreplace $servers end end $rec]
+        set rec [haproxy $rec]
+    }
     set servers [lreplace $servers end end $rec]
     note_started [dict get $rec workers]
     if {[dict exists $line ready] && [dict get $line ready] < $n} {
@@ -686,6 +736,36 @@ proc ::bench::general_run {run rec cfg} {
                 p99 [fmt [dict get $r p99]] ms"
     }
     return $line
+}
+
+# ---------------------------------------------------------------- PROXY protocol
+
+# The scenarios of a configuration behind HAProxy: herd and ab through it.
+proc ::bench::proxy_run {run rec cfg} {
+    set name [dict get $rec name]
+    scenario $run $rec herd $cfg
+    set r [scenario $run $rec ab $cfg]
+    return " | ab [format %.0f [dict get $r rps]]/s | serving CPU c=1 [fmt [last $name herd cpu_serving]],\
+            c=32 [fmt [last $name ab cpu_serving]] µs/conn"
+}
+
+proc ::bench::proxy_report {configs cfg} {
+    set hap [lmap c $configs {if {![hapcfg $c]} continue; set c}]
+    table "Behind HAProxy (mode tcp), ab -n [dict get $cfg herd] -c 1 and ab -n [dict get $cfg abn] -c 32\
+            through it; CPU in µs per connection:" \
+        {server {serving c=1} {dispatcher c=1} {serving c=32} {dispatcher c=32} {req/s c=32}} $hap \
+        {{herd cpu_serving} {herd cpu_dispatcher} {ab cpu_serving} {ab cpu_dispatcher} {ab rps 0}}
+    if {"ss4hap" ni $configs || "ss4hapv2" ni $configs} {
+        return
+    }
+    say "\nTarget (issue 12), the PROXY v2 header's cost, serving process CPU per connection,\
+            ss4hapv2 − ss4hap (medians):"
+    foreach {scenario c} {herd 1 ab 32} {
+        set with [med ss4hapv2 $scenario cpu_serving]
+        set without [med ss4hap $scenario cpu_serving]
+        set diff [expr {$with eq "" || $without eq "" ? "" : $with - $without}]
+        target "c=$c, µs per connection (target ≤ 2)" $diff <= 2.0 "[fmt $with] vs [fmt $without] µs"
+    }
 }
 
 # ---------------------------------------------------------------- parked connections
@@ -1000,6 +1080,9 @@ proc ::bench::label {config} {
     if {[regexp {^ss(\d+)(park|waitnone)$} $config -> n variant]} {
         return "socketserver N=$n ([dict get {park {park, -wait head} waitnone {park, -wait none}} $variant])"
     }
+    if {[regexp {^ss(\d+)hap(v2)?$} $config -> n v2]} {
+        return "socketserver N=$n behind HAProxy[expr {$v2 ne "" ? ", send-proxy-v2, -proxy v2" : ""}]"
+    }
     if {[regexp {^ss(\d+)(fe|tcl)?$} $config -> n variant]} {
         set what [dict get {{} {} fe { (fileevent handler)} tcl { (Tcl's notifier)}} $variant]
         return "socketserver N=$n$what"
@@ -1113,7 +1196,7 @@ proc ::bench::main {argv} {
             -configs {
                 set only [lindex $argv [incr i]]
                 foreach c $only {
-                    if {![regexp {^(plain|limit|ss\d+(fe|tcl)?)$} $c] && ![parkcfg $c]} {
+                    if {![regexp {^(plain|limit|ss\d+(fe|tcl)?)$} $c] && ![parkcfg $c] && ![hapcfg $c]} {
                         error "-configs: unknown configuration \"$c\""
                     }
                 }
@@ -1124,16 +1207,21 @@ proc ::bench::main {argv} {
     if {$quick} {
         set cfg [dict create abn 5000 wrkd 2 slowd 2 herd 1000 warm 200 \
                 kad 1 idled 1 slowcd 2 slowcn 500 \
-                configs {plain ss2 ss8 limit ss1000 plainka ss4park ss4waitnone}]
+                configs {plain ss2 ss8 limit ss1000 plainka ss4park ss4waitnone ss4hap ss4hapv2}]
     } else {
         set cfg [dict create abn 20000 wrkd 10 slowd 4 herd 2000 warm 500 \
                 kad 3 idled 2 slowcd 3 slowcn 1000 \
-                configs {plain ss1 ss2 ss4 ss8 ss8tcl limit ss1000 plainka ss4park ss4waitnone}]
+                configs {plain ss1 ss2 ss4 ss8 ss8tcl limit ss1000 plainka ss4park ss4waitnone
+                    ss4hap ss4hapv2}]
     }
     if {[llength $only]} {
         dict set cfg configs $only
     }
     set configs [dict get $cfg configs]
+    if {[auto_execok haproxy] eq ""} {
+        set configs [lmap c $configs {if {[hapcfg $c]} continue; set c}]
+        say "haproxy is not installed (scripts/deps.sh --bench): no PROXY protocol row"
+    }
 
     # What we need, checked before anything starts.
     foreach example {limit clients} {
@@ -1199,6 +1287,8 @@ proc ::bench::main {argv} {
                     set line "run $run/$runs [format %-11s $name]"
                     if {[parkcfg $name]} {
                         append line [park_run $run $rec $cfg]
+                    } elseif {[hapcfg $name]} {
+                        append line [proxy_run $run $rec $cfg]
                     } else {
                         append line [general_run $run $rec $cfg]
                     }
@@ -1252,7 +1342,7 @@ proc ::bench::main {argv} {
 }
 
 proc ::bench::report {all cfg} {
-    set configs [lmap c $all {if {[parkcfg $c]} continue; set c}]
+    set configs [lmap c $all {if {[parkcfg $c] || [hapcfg $c]} continue; set c}]
     set abn [dict get $cfg abn]
     set herd [dict get $cfg herd]
     say "\nMedians of the runs, (min–max). Latencies in ms; CPU in ms per 1000 connections\
@@ -1277,6 +1367,7 @@ proc ::bench::report {all cfg} {
             for plain the whole server, for limit its idle parent; limit's CPU is its per-connection floor.)"
     many_workers $configs $cfg
     park_report $all $cfg
+    proxy_report $all $cfg
 }
 
 # Issue 10: the dispatcher's cost per connection must not grow with the number

@@ -169,6 +169,9 @@ impl Dispatcher {
         watch(registrar.as_fd(), REGISTRAR)?;
         watch(listener.as_fd(), LISTENER)?;
         watch(links.as_fd(), INNER)?;
+        if config.proxy != crate::proxy::Accept::None {
+            super::proxied::defer_accept(listener.as_fd())?;
+        }
         Ok(Dispatcher {
             listener,
             registrar,

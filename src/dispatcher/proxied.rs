@@ -7,6 +7,12 @@
 //! the header with the connection, so it is usually there already and the connection is never
 //! parked for it); otherwise the connection is parked and the step runs again as bytes arrive.
 //!
+//! The listener is set to TCP_DEFER_ACCEPT, as HAProxy's `defer-accept` and nginx's `deferred`
+//! do: the kernel hands over a connection only once its first bytes are in (or after about a
+//! second, then the header timer runs), so the header is nearly always there at accept. Without
+//! it, a third of the connections from HAProxy were accepted before their header and parked
+//! (measured: 1148 of 3000), which costs an epoll_ctl pair and a wake-up each.
+//!
 //! A connection from a source not in `-proxyfrom` is a direct client with its own address: its
 //! bytes are only peeked, and if they begin like a header (spoofing) it is closed.
 
@@ -14,7 +20,28 @@ use super::workers::Connection;
 use crate::proxy::{self, Accept, Cidr, Parsed};
 use nix::errno::Errno;
 use nix::sys::socket::{recv, MsgFlags};
-use std::os::fd::AsRawFd;
+use std::os::fd::{AsRawFd, BorrowedFd};
+
+/// TCP_DEFER_ACCEPT's wait, in seconds.
+const DEFER_ACCEPT_SECS: libc::c_int = 1;
+
+/// Asks the kernel to hand over connections once their first bytes are in (see the module doc).
+/// Raw: nix 0.29 has no sockopt for TCP_DEFER_ACCEPT.
+pub fn defer_accept(listener: BorrowedFd) -> std::io::Result<()> {
+    let secs = DEFER_ACCEPT_SECS;
+    // SAFETY: listener is an open fd for the call; the option value is a c_int that lives across
+    // the call, and its size is passed with it.
+    let ret = unsafe {
+        libc::setsockopt(
+            listener.as_raw_fd(),
+            libc::IPPROTO_TCP,
+            libc::TCP_DEFER_ACCEPT,
+            (&secs as *const libc::c_int).cast(),
+            std::mem::size_of::<libc::c_int>() as libc::socklen_t,
+        )
+    };
+    crate::sys::check(ret).map(drop)
+}
 
 /// `-proxy` and `-proxyfrom`.
 #[derive(Debug, Clone, Default)]
