@@ -256,23 +256,18 @@ impl Dispatcher {
     }
 
     /// With `-wait none`, accept only what ready workers and the queue can take; when
-    /// connections are parked (`-wait data|head`, or `-proxy`: until their header is in),
-    /// accept while fewer than `-maxparked` are held (parked, or ready and waiting for a worker)
-    /// or one can be evicted to make room.
+    /// connections are parked, accept while fewer than `-maxparked` are held (parked, or ready
+    /// and waiting for a worker) or one can be evicted to make room. With `-proxy` and `-wait
+    /// none`, both: a connection whose header is not in yet is parked for it.
     fn can_accept(&self) -> bool {
         if self.accept_paused_until.is_some() {
             return false;
         }
-        if self.parking() {
-            self.held() < self.parked.max_parked() || self.parked.evictable() > 0
-        } else {
-            self.waiting.len() < self.ready.len() + self.queue_limit
+        let room = self.held() < self.parked.max_parked() || self.parked.evictable() > 0;
+        match self.parked.wait() {
+            Wait::None => self.waiting.len() < self.ready.len() + self.queue_limit && (room || !self.parked.proxy_enabled()),
+            Wait::Data | Wait::Head => room,
         }
-    }
-
-    /// Whether new connections may be parked.
-    fn parking(&self) -> bool {
-        self.parked.wait() != Wait::None || self.parked.proxy_enabled()
     }
 
     /// The connections this thread holds: parked, or waiting for a worker.
@@ -457,7 +452,7 @@ impl Dispatcher {
             if !self.can_accept() {
                 return;
             }
-            let parking = self.parking();
+            let parking = self.parked.wait() != Wait::None;
             let section = CreateSection::enter();
             let accepted = fdpass::accept(self.listener.as_fd()).and_then(|(fd, peer)| {
                 // Parked connections may be many: out of the way of the Tcl thread's select().

@@ -19,6 +19,8 @@
 use super::event_loop::{member_token, Member};
 use super::proxied::{ProxyPolicy, Step};
 use super::workers::Connection;
+use crate::fdpass;
+use crate::fork_safety::CreateSection;
 use nix::sys::epoll::{Epoll, EpollEvent, EpollFlags};
 use nix::sys::socket::{recv, MsgFlags};
 use std::collections::VecDeque;
@@ -204,7 +206,7 @@ impl ParkedSet {
             Step::Gone => self.counters.closed_peer += 1,
             // Not to be handed over before its header is in: closed if it cannot be watched.
             Step::Pending => {
-                if self.insert(epoll, conn, false, Some(trusted), held, now).is_err() {
+                if self.insert(epoll, lift(conn), false, Some(trusted), held, now).is_err() {
                     self.counters.proxy_rejected += 1;
                 }
             }
@@ -465,6 +467,21 @@ impl ParkedSet {
             queue.retain(|&(i, s)| self.current(i, s).is_some_and(Entry::evictable));
             self.evictable = queue;
         }
+    }
+}
+
+/// The connection at an fd number above select()'s range, where parked connections live (see
+/// `fdpass::above_select_range`); as it is if it is there already or cannot be moved. With
+/// `-wait none` and `-proxy`, only the rare connection whose header is not in at accept is
+/// parked, so it is moved then, not at accept.
+fn lift(conn: Connection) -> Connection {
+    if conn.fd.as_raw_fd() >= libc::FD_SETSIZE as i32 {
+        return conn;
+    }
+    let section = CreateSection::enter();
+    match conn.fd.try_clone().map(fdpass::above_select_range).and_then(|fd| section.adopt(fd)) {
+        Ok(fd) => Connection { fd, peer: conn.peer },
+        Err(_) => conn,
     }
 }
 
