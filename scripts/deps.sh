@@ -50,6 +50,9 @@ needs=(
     "valgrind       cmd:valgrind"    # signals.test: trap scripts that delete interps, checked for reads of freed memory
     "wrk            cmd:wrk"         # park.test (keep-alive load on the example); the benchmark
     "python3        cmd:python3"     # park.test: 10,000 connections without Tcl's bind() per socket
+    "haproxy        cmd:haproxy"     # proxy.test: HAProxy in front (send-proxy, send-proxy-v2); the PROXY bench row
+    "nginx          cmd:nginx"       # proxy.test: nginx stream in front (proxy_protocol on)
+    "libnginx-mod-stream pkg"        # nginx's stream module (/usr/lib/nginx/modules/ngx_stream_module.so)
 )
 
 have_dpkg=0
