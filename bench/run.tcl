@@ -54,6 +54,14 @@
 #           each given 1 s (ss4park, ss4waitnone) -> p50, p99, answered.
 #           The issue sets no target; the line checks -wait head's p99
 #           against the bound of its test, 100 ms.
+# The PROXY protocol (issue 12), configuration "proxy": two servers at once,
+# ss4hap (4 workers behind HAProxy, plain TCP) and ss4hapv2 (the same with
+# HAProxy's send-proxy-v2 and the server's -proxy v2), each behind its own
+# HAProxy; bursts of ab -c 32 through them take turns (so a change in the
+# machine's load falls on both alike), and the serving processes' CPU per
+# connection is summed over the bursts.  Their difference, run by run, is
+# what reading the PROXY header costs (target <= 2 µs).  Runs only when
+# haproxy is installed (scripts/deps.sh --bench).
 # The idle and dripping clients and the timed requests come from the
 # `clients` example (bench/clients.rs), which raises its own fd limit; the
 # servers run with -backlog 1024 and, for ss4park, -maxparked 11000.
@@ -301,6 +309,41 @@ proc ::bench::parkcfg {name} {
     return [regexp {^(plainka|ss\d+(park|waitnone))$} $name]
 }
 
+# Is NAME one of the servers behind HAProxy (see the top)?
+proc ::bench::hapcfg {name} {
+    return [regexp {^ss\d+hap(v2)?$} $name]
+}
+
+# Starts HAProxy on a free port in front of the server of REC (with
+# send-proxy-v2 for ss*hapv2); returns REC with port the frontend's, and
+# haproxy its pid.  HAProxy runs in the foreground (-db), one thread.
+proc ::bench::haproxy {rec} {
+    set s [socket -server list -myaddr 127.0.0.1 0]
+    set fport [lindex [fconfigure $s -sockname] 2]
+    close $s
+    set option [expr {[string match *v2 [dict get $rec name]] ? "send-proxy-v2" : ""}]
+    set conf [file tempfile path /tmp/socketserver-bench-haproxy.cfg]
+    puts $conf "global\n    maxconn 1024\n    nbthread 1\ndefaults\n    mode tcp\n    timeout connect 5s
+    timeout client 30s\n    timeout server 30s\nfrontend in\n    bind 127.0.0.1:$fport
+    default_backend host\nbackend host\n    server h1 127.0.0.1:[dict get $rec port] $option"
+    close $conf
+    set pid [exec haproxy -db -f $path >& /dev/null &]
+    dict set rec haproxy $pid
+    dict set rec pids [concat [dict get $rec pids] $pid]
+    # Up when the frontend takes a connection (bounded).
+    set deadline [expr {[clock milliseconds] + 5000}]
+    while {[catch {close [socket 127.0.0.1 $fport]}]} {
+        if {[clock milliseconds] > $deadline} {
+            file delete $path
+            error "haproxy did not listen on $fport within 5 s"
+        }
+        pause 20
+    }
+    file delete $path
+    dict set rec port $fport
+    return $rec
+}
+
 # The number of workers of a socketserver configuration (ssN...), else 0.
 proc ::bench::nworkers {name} {
     if {![regexp {^ss(\d+)} $name -> n]} {
@@ -365,6 +408,11 @@ proc ::bench::start {name ncores} {
         plainka {
             set cmd [list $tclsh [file join $here plain_server.tcl] -keepalive]
         }
+        ss*hap - ss*hapv2 {
+            regexp {^ss(\d+)hap(v2)?$} $name -> n v2
+            set cmd [ss_command [list $tclsh [file join $here ss_server.tcl] -workers $n \
+                    -backlog 1024 -proxy [expr {$v2 ne "" ? "v2" : "none"}]] $n]
+        }
         ss*park - ss*waitnone {
             variable maxparked
             regexp {^ss(\d+)(park|waitnone)$} $name -> n variant
@@ -414,6 +462,10 @@ proc ::bench::start {name ncores} {
         }
     }
     dict set rec pids [concat [dict get $rec pid] [dict get $rec workers]]
+    if {[hapcfg $name]} {
+        set servers [lreplace $servers end end $rec]
+        set rec [haproxy $rec]
+    }
     set servers [lreplace $servers end end $rec]
     note_started [dict get $rec workers]
     if {[dict exists $line ready] && [dict get $line ready] < $n} {
@@ -686,6 +738,55 @@ proc ::bench::general_run {run rec cfg} {
                 p99 [fmt [dict get $r p99]] ms"
     }
     return $line
+}
+
+# ---------------------------------------------------------------- PROXY protocol
+
+# Configuration "proxy" (see the top): both servers, bursts in turn; returns
+# the progress line's part.
+proc ::bench::proxy_run {run cfg ncores} {
+    set recs {}
+    try {
+        foreach name {ss4hap ss4hapv2} {
+            lappend recs [start $name $ncores]
+            ab [dict get [lindex $recs end] port] [dict get $cfg warm] 4
+        }
+        set ns {0 0}
+        set conns {0 0}
+        for {set i 0} {$i < [dict get $cfg proxyrounds]} {incr i} {
+            foreach rec $recs j {0 1} {
+                lassign [cpu [dict get $rec pid]] before
+                set r [ab [dict get $rec port] [dict get $cfg proxyburst] 32]
+                pause 20
+                lassign [cpu [dict get $rec pid]] after
+                lset ns $j [expr {[lindex $ns $j] + $after - $before}]
+                lset conns $j [expr {[lindex $conns $j] + [dict get $r complete]}]
+                record $run [dict get $rec name] proxy errors [dict get $r errors]
+            }
+        }
+    } finally {
+        foreach rec $recs {
+            stop $rec
+        }
+    }
+    lassign [lmap n $ns c $conns {expr {$n / 1000.0 / max($c, 1)}}] without with
+    record $run ss4hap proxy cpu_serving $without
+    record $run ss4hapv2 proxy cpu_serving $with
+    record $run ss4hapv2 proxy cost [expr {$with - $without}]
+    return " | serving CPU [fmt $without] µs/conn, with PROXY v2 [fmt $with]:\
+            +[fmt [expr {$with - $without}]] µs"
+}
+
+proc ::bench::proxy_report {configs cfg} {
+    if {"proxy" ni $configs} {
+        return
+    }
+    set burst "[dict get $cfg proxyrounds] × ab -n [dict get $cfg proxyburst] -c 32"
+    table "Behind HAProxy (mode tcp), $burst through each, in turn; serving process CPU in µs\
+            per connection:" {server {serving CPU} errors} {ss4hap ss4hapv2} \
+        {{proxy cpu_serving} {proxy errors 0}}
+    target "PROXY v2 header, serving CPU per connection with − without, µs (issue 12, target ≤ 2)" \
+        [med ss4hapv2 proxy cost] <= 2.0 "per run: [join [lmap v $::bench::vals(ss4hapv2,proxy,cost) {fmt $v}] {, }]"
 }
 
 # ---------------------------------------------------------------- parked connections
@@ -1000,6 +1101,9 @@ proc ::bench::label {config} {
     if {[regexp {^ss(\d+)(park|waitnone)$} $config -> n variant]} {
         return "socketserver N=$n ([dict get {park {park, -wait head} waitnone {park, -wait none}} $variant])"
     }
+    if {[regexp {^ss(\d+)hap(v2)?$} $config -> n v2]} {
+        return "socketserver N=$n behind HAProxy[expr {$v2 ne "" ? ", send-proxy-v2, -proxy v2" : ""}]"
+    }
     if {[regexp {^ss(\d+)(fe|tcl)?$} $config -> n variant]} {
         set what [dict get {{} {} fe { (fileevent handler)} tcl { (Tcl's notifier)}} $variant]
         return "socketserver N=$n$what"
@@ -1113,7 +1217,7 @@ proc ::bench::main {argv} {
             -configs {
                 set only [lindex $argv [incr i]]
                 foreach c $only {
-                    if {![regexp {^(plain|limit|ss\d+(fe|tcl)?)$} $c] && ![parkcfg $c]} {
+                    if {![regexp {^(plain|limit|proxy|ss\d+(fe|tcl)?)$} $c] && ![parkcfg $c]} {
                         error "-configs: unknown configuration \"$c\""
                     }
                 }
@@ -1122,18 +1226,23 @@ proc ::bench::main {argv} {
         }
     }
     if {$quick} {
-        set cfg [dict create abn 5000 wrkd 2 slowd 2 herd 1000 warm 200 \
+        set cfg [dict create abn 5000 wrkd 2 slowd 2 herd 1000 warm 200 proxyrounds 4 proxyburst 2000 \
                 kad 1 idled 1 slowcd 2 slowcn 500 \
-                configs {plain ss2 ss8 limit ss1000 plainka ss4park ss4waitnone}]
+                configs {plain ss2 ss8 limit ss1000 plainka ss4park ss4waitnone proxy}]
     } else {
-        set cfg [dict create abn 20000 wrkd 10 slowd 4 herd 2000 warm 500 \
+        set cfg [dict create abn 20000 wrkd 10 slowd 4 herd 2000 warm 500 proxyrounds 10 proxyburst 4000 \
                 kad 3 idled 2 slowcd 3 slowcn 1000 \
-                configs {plain ss1 ss2 ss4 ss8 ss8tcl limit ss1000 plainka ss4park ss4waitnone}]
+                configs {plain ss1 ss2 ss4 ss8 ss8tcl limit ss1000 plainka ss4park ss4waitnone
+                    proxy}]
     }
     if {[llength $only]} {
         dict set cfg configs $only
     }
     set configs [dict get $cfg configs]
+    if {[auto_execok haproxy] eq ""} {
+        set configs [lsearch -all -inline -not -exact $configs proxy]
+        say "haproxy is not installed (scripts/deps.sh --bench): no PROXY protocol row"
+    }
 
     # What we need, checked before anything starts.
     foreach example {limit clients} {
@@ -1192,6 +1301,11 @@ proc ::bench::main {argv} {
                 set t0 [clock milliseconds]
                 set rec {}
                 try {
+                    if {$name eq "proxy"} {
+                        say "run $run/$runs [format %-11s $name][proxy_run $run $cfg $ncores]\
+                                ([format %.1f [expr {([clock milliseconds] - $t0) / 1000.0}]] s)"
+                        continue
+                    }
                     set rec [start $name $ncores]
                     # Warm up (not measured): every worker has served a few, or
                     # (many workers, taken in turn) one.
@@ -1252,7 +1366,7 @@ proc ::bench::main {argv} {
 }
 
 proc ::bench::report {all cfg} {
-    set configs [lmap c $all {if {[parkcfg $c]} continue; set c}]
+    set configs [lmap c $all {if {[parkcfg $c] || $c eq "proxy"} continue; set c}]
     set abn [dict get $cfg abn]
     set herd [dict get $cfg herd]
     say "\nMedians of the runs, (min–max). Latencies in ms; CPU in ms per 1000 connections\
@@ -1277,6 +1391,7 @@ proc ::bench::report {all cfg} {
             for plain the whole server, for limit its idle parent; limit's CPU is its per-connection floor.)"
     many_workers $configs $cfg
     park_report $all $cfg
+    proxy_report $all $cfg
 }
 
 # Issue 10: the dispatcher's cost per connection must not grow with the number

@@ -51,7 +51,9 @@ needs=(
     "wrk            cmd:wrk"         # park.test (keep-alive load on the example); the benchmark
     "python3        cmd:python3"     # park.test: 10,000 connections without Tcl's bind() per socket
     "systemd        cmd:systemd-socket-activate"  # activate.test: a real service manager passing a socket
-    "haproxy        cmd:haproxy"     # agent.test: two hosts behind a real HAProxy with agent-check
+    "haproxy        cmd:haproxy"     # agent.test, proxy.test: HAProxy in front (agent-check, send-proxy); the PROXY bench row
+    "nginx          cmd:nginx"       # proxy.test: nginx stream in front (proxy_protocol on)
+    "libnginx-mod-stream pkg"        # nginx's stream module (/usr/lib/nginx/modules/ngx_stream_module.so)
 )
 
 have_dpkg=0

@@ -1,10 +1,11 @@
 //! Argument parsing for the Tcl commands, with Tcl-style messages. No Tcl here.
 
 use crate::dispatcher::{ServerConfig, Wait};
+use crate::proxy::{Accept, Cidr};
 use std::net::{IpAddr, Ipv4Addr, SocketAddr, ToSocketAddrs};
 use std::time::Duration;
 
-pub const SERVER_USAGE: &str = "?-myaddr addr? ?-backlog n? ?-queue n? ?-maxworkers n? ?-wait none|data|head? ?-delimiter bytes? ?-headsize n? ?-idletimeout ms? ?-headertimeout ms? ?-maxparked n? ?-agent port? ?-fd n? ?-systemd name? ?port?";
+pub const SERVER_USAGE: &str = "?-myaddr addr? ?-backlog n? ?-queue n? ?-maxworkers n? ?-wait none|data|head? ?-delimiter bytes? ?-headsize n? ?-idletimeout ms? ?-headertimeout ms? ?-maxparked n? ?-proxy none|v1|v2|any? ?-proxyfrom {cidr ...}? ?-agent port? ?-fd n? ?-systemd name? ?port?";
 pub const CLIENT_USAGE: &str = "?-port port? handler";
 pub const CLOSE_USAGE: &str = "port";
 pub const INFO_USAGE: &str = "?port?";
@@ -128,6 +129,18 @@ fn parse_delimiter(word: &str) -> CmdResult<Vec<u8>> {
     }
 }
 
+/// A list of address ranges, `addr/bits` or `addr`, separated by white space (a Tcl list of
+/// such words); empty: no source is trusted.
+fn parse_cidrs(word: &str) -> CmdResult<Vec<Cidr>> {
+    word.split_ascii_whitespace()
+        .map(|cidr| {
+            cidr.parse().map_err(|()| {
+                CmdError::new(format!("expected address or address/bits but got \"{cidr}\""), &["TCL", "VALUE", "CIDR"])
+            })
+        })
+        .collect()
+}
+
 fn resolve(host: &str) -> CmdResult<IpAddr> {
     if let Ok(ip) = host.parse::<IpAddr>() {
         return Ok(ip);
@@ -145,9 +158,9 @@ fn resolve(host: &str) -> CmdResult<IpAddr> {
 /// `server ?-option value ...? port` (see [`SERVER_USAGE`]) — `args` are the words after
 /// `server`.
 pub fn parse_server(args: &[&str]) -> CmdResult<ServerConfig> {
-    const OPTIONS: [&str; 13] = [
+    const OPTIONS: [&str; 15] = [
         "-agent", "-backlog", "-delimiter", "-fd", "-headertimeout", "-headsize", "-idletimeout", "-maxparked",
-        "-maxworkers", "-myaddr", "-queue", "-systemd", "-wait",
+        "-maxworkers", "-myaddr", "-proxy", "-proxyfrom", "-queue", "-systemd", "-wait",
     ];
     /// The options that adopt an inherited socket, with which the port may be left out.
     const ADOPTING: [&str; 2] = ["-fd", "-systemd"];
@@ -183,6 +196,8 @@ pub fn parse_server(args: &[&str]) -> CmdResult<ServerConfig> {
             "-maxparked" => config.max_parked = Some(parse_positive(value)?),
             "-maxworkers" => config.max_workers = Some(parse_positive(value)?),
             "-myaddr" => host = Some(value),
+            "-proxy" => config.proxy = Accept::from_index(lookup(value, &Accept::NAMES, "proxy mode")?).expect("a name's index"),
+            "-proxyfrom" => config.proxy_from = parse_cidrs(value)?,
             "-queue" => config.queue_limit = parse_count(value)? as usize,
             "-systemd" => config.systemd = Some(value.to_string()),
             _ => config.wait = Wait::from_index(lookup(value, &Wait::NAMES, "wait mode")?).expect("a name's index"),
@@ -396,10 +411,28 @@ mod tests {
     }
 
     #[test]
+    fn server_takes_the_proxy_options() {
+        let parsed = parse_server(&["-proxy", "v2", "-proxyfrom", " 10.0.0.0/8\t::1 192.0.2.7 ", "80"]).unwrap();
+        let cidrs = ["10.0.0.0/8", "::1", "192.0.2.7"].map(|c| c.parse().unwrap()).to_vec();
+        assert_eq!(parsed, ServerConfig { proxy: Accept::V2, proxy_from: cidrs, ..config("0.0.0.0:80") });
+        assert_eq!(parse_server(&["80"]).unwrap().proxy, Accept::None);
+        assert_eq!(parse_server(&["-proxyfrom", "", "80"]).unwrap().proxy_from, vec![], "trust no one");
+        for (word, accept) in [("none", Accept::None), ("v1", Accept::V1), ("v2", Accept::V2), ("a", Accept::Any)] {
+            assert_eq!(parse_server(&["-proxy", word, "0"]).unwrap().proxy, accept);
+        }
+        assert_eq!(text(parse_server(&["-proxy", "v3", "80"]).unwrap_err()), "bad proxy mode \"v3\": must be none, v1, v2, or any");
+        assert_eq!(text(parse_server(&["-proxy", "v", "80"]).unwrap_err()), "ambiguous proxy mode \"v\": must be none, v1, v2, or any");
+        let err = parse_server(&["-proxyfrom", "127.0.0.1 10.0.0.0/33", "80"]).unwrap_err();
+        let code = ["TCL", "VALUE", "CIDR"].map(String::from).to_vec();
+        assert_eq!(err, CmdError::Message { text: "expected address or address/bits but got \"10.0.0.0/33\"".into(), code });
+        assert_eq!(text(parse_server(&["-proxyfrom", "1", "-proxy"]).unwrap_err()), "value for \"-proxy\" missing");
+    }
+
+    #[test]
     fn server_reports_bad_arguments_in_tcl_style() {
         assert_eq!(parse_server(&[]), Err(CmdError::WrongArgs { words: 2, usage: SERVER_USAGE }));
         assert_eq!(parse_server(&["1", "2"]), Err(CmdError::WrongArgs { words: 2, usage: SERVER_USAGE }));
-        let all = "-agent, -backlog, -delimiter, -fd, -headertimeout, -headsize, -idletimeout, -maxparked, -maxworkers, -myaddr, -queue, -systemd, or -wait";
+        let all = "-agent, -backlog, -delimiter, -fd, -headertimeout, -headsize, -idletimeout, -maxparked, -maxworkers, -myaddr, -proxy, -proxyfrom, -queue, -systemd, or -wait";
         assert_eq!(text(parse_server(&["-x", "1", "80"]).unwrap_err()), format!("bad option \"-x\": must be {all}"));
         assert_eq!(text(parse_server(&["-m", "1", "80"]).unwrap_err()), format!("ambiguous option \"-m\": must be {all}"));
         assert_eq!(text(parse_server(&["-maxworkers", "-1", "80"]).unwrap_err()), "expected positive integer but got \"-1\"");

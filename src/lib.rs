@@ -13,6 +13,7 @@ mod ffi;
 mod fork_safety;
 mod notifier;
 mod process;
+mod proxy;
 mod sys;
 mod tcl_stubs;
 mod wire;

@@ -12,10 +12,10 @@
 //!   late one to an earlier request that timed out.
 //!
 //! A snapshot: accepted:u64 delivered:u64 refused:u64 dropped:u64 parked:u64 parked_total:u64
-//! handed_back:u64 closed_idle:u64 closed_header:u64 closed_peer:u64 evicted:u64 queued:u32
-//! ready:u32 max_workers:u32 count:u32 (104 bytes), then `count` workers of 24 bytes each: pid:i32
-//! state:u32 delivered:u64 busy_ms:u64, then the agent's: port:u32 draining:u32 answers:u64
-//! drains:u64 (24 bytes). Little-endian.
+//! handed_back:u64 closed_idle:u64 closed_header:u64 closed_peer:u64 evicted:u64 proxied:u64
+//! proxy_rejected:u64 queued:u32 ready:u32 max_workers:u32 count:u32 (120 bytes), then `count`
+//! workers of 24 bytes each: pid:i32 state:u32 delivered:u64 busy_ms:u64, then the agent's:
+//! port:u32 draining:u32 answers:u64 drains:u64 (24 bytes). Little-endian.
 
 use super::agent::AgentCounters;
 use super::parked::ParkCounters;
@@ -73,7 +73,7 @@ impl WorkerState {
 
 const STOP: u8 = b'S';
 const SNAPSHOT: u8 = b'I';
-const HEADER_LEN: usize = 104;
+const HEADER_LEN: usize = 120;
 const COUNT_AT: usize = HEADER_LEN - 4;
 const WORKER_LEN: usize = 24;
 const AGENT_LEN: usize = 24;
@@ -139,6 +139,7 @@ impl Snapshot {
         for n in [self.accepted, self.delivered, self.refused, self.dropped, self.parked, p.parked_total]
             .into_iter()
             .chain([p.handed_back, p.closed_idle, p.closed_header, p.closed_peer, p.evicted])
+            .chain([p.proxied, p.proxy_rejected])
         {
             out.extend_from_slice(&n.to_le_bytes());
         }
@@ -197,10 +198,12 @@ impl Snapshot {
                 closed_header: u64_at(64)?,
                 closed_peer: u64_at(72)?,
                 evicted: u64_at(80)?,
+                proxied: u64_at(88)?,
+                proxy_rejected: u64_at(96)?,
             },
-            queued: u32_at(88)?,
-            ready: u32_at(92)?,
-            max_workers: u32_at(96)?,
+            queued: u32_at(104)?,
+            ready: u32_at(108)?,
+            max_workers: u32_at(112)?,
             workers,
             agent: AgentCounters {
                 port: u16::try_from(u32_at(agent_at)?).ok()?,
@@ -233,7 +236,7 @@ mod tests {
             ready: 2,
             max_workers: 500,
             parked: 8,
-            park: ParkCounters { parked_total: 9, handed_back: 10, closed_idle: 11, closed_header: 12, closed_peer: 13, evicted: 14 },
+            park: ParkCounters { parked_total: 9, handed_back: 10, closed_idle: 11, closed_header: 12, closed_peer: 13, evicted: 14, proxied: 15, proxy_rejected: 16 },
             workers: vec![busy, ready],
             agent: AgentCounters { port: 8081, draining: true, answers: 15, drains: 16 },
         };

@@ -25,6 +25,7 @@
 use super::agent::Agent;
 use super::control::{self, Request, Snapshot};
 use super::parked::{Outcome, ParkPolicy, ParkedSet, Wait};
+use super::proxied::ProxyPolicy;
 use super::ready_queue::ReadyQueue;
 use super::workers::{self, Connection, Registry, Worker};
 use crate::fdpass::{self, Received};
@@ -180,6 +181,9 @@ impl Dispatcher {
         if let Some(listener) = agent.listener() {
             watch(listener, AGENT)?;
         }
+        if config.proxy != crate::proxy::Accept::None {
+            super::proxied::defer_accept(listener.as_fd())?;
+        }
         Ok(Dispatcher {
             listener,
             registrar,
@@ -201,6 +205,7 @@ impl Dispatcher {
                 idle_timeout: config.idle_timeout,
                 header_timeout: config.header_timeout,
                 max_parked: config.max_parked.unwrap_or_else(super::default_max_parked),
+                proxy: ProxyPolicy { accept: config.proxy, trusted: config.proxy_from.clone() },
             }),
             accepted: 0,
             delivered: 0,
@@ -266,14 +271,16 @@ impl Dispatcher {
 
     /// With `-wait none`, accept only what ready workers and the queue can take; when
     /// connections are parked, accept while fewer than `-maxparked` are held (parked, or ready
-    /// and waiting for a worker) or one can be evicted to make room.
+    /// and waiting for a worker) or one can be evicted to make room. With `-proxy` and `-wait
+    /// none`, both: a connection whose header is not in yet is parked for it.
     fn can_accept(&self) -> bool {
         if self.accept_paused_until.is_some() {
             return false;
         }
+        let room = self.held() < self.parked.max_parked() || self.parked.evictable() > 0;
         match self.parked.wait() {
-            Wait::None => self.waiting.len() < self.ready.len() + self.queue_limit,
-            Wait::Data | Wait::Head => self.held() < self.parked.max_parked() || self.parked.evictable() > 0,
+            Wait::None => self.waiting.len() < self.ready.len() + self.queue_limit && (room || !self.parked.proxy_enabled()),
+            Wait::Data | Wait::Head => room,
         }
     }
 
@@ -471,13 +478,16 @@ impl Dispatcher {
                 Ok(Connection { fd: section.adopt(fd)?, peer })
             });
             drop(section);
+            let accepted = accepted.map(|conn| {
+                self.accepted += 1;
+                // With -proxy, on only once its header is in (else it is parked for it, or closed).
+                let held = self.held();
+                self.parked.admit(&self.epoll, conn, held, Instant::now())
+            });
             match accepted {
-                Ok(conn) if parking => {
-                    self.accepted += 1;
-                    self.park(conn, false);
-                }
-                Ok(conn) => {
-                    self.accepted += 1;
+                Ok(None) => {}
+                Ok(Some(conn)) if self.parked.wait() != Wait::None => self.park(conn, false),
+                Ok(Some(conn)) => {
                     self.waiting.push_back(conn);
                     self.dispatch();
                 }

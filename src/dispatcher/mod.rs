@@ -34,6 +34,7 @@ mod hostile;
 #[cfg(test)]
 mod park_tests;
 mod parked;
+mod proxied;
 mod ready_queue;
 mod workers;
 
@@ -99,6 +100,10 @@ pub struct ServerConfig {
     pub systemd: Option<String>,
     /// `-agent`: the port of HAProxy's agent check, on the same address (0: the kernel picks).
     pub agent: Option<u16>,
+    /// `-proxy`: the PROXY protocol headers new connections start with.
+    pub proxy: crate::proxy::Accept,
+    /// `-proxyfrom`: the sources whose headers are believed.
+    pub proxy_from: Vec<crate::proxy::Cidr>,
 }
 
 impl ServerConfig {
@@ -118,6 +123,8 @@ impl ServerConfig {
             fd: None,
             systemd: None,
             agent: None,
+            proxy: crate::proxy::Accept::None,
+            proxy_from: crate::proxy::default_trusted(),
         }
     }
 }

@@ -17,7 +17,10 @@
 //! is never evicted.
 
 use super::event_loop::{member_token, Member};
+use super::proxied::{ProxyPolicy, Step};
 use super::workers::Connection;
+use crate::fdpass;
+use crate::fork_safety::CreateSection;
 use nix::sys::epoll::{Epoll, EpollEvent, EpollFlags};
 use nix::sys::socket::{recv, MsgFlags};
 use std::collections::VecDeque;
@@ -71,6 +74,11 @@ pub struct ParkCounters {
     /// At EOF (or reset) with nothing to read.
     pub closed_peer: u64,
     pub evicted: u64,
+    /// PROXY headers taken (`-proxy`).
+    pub proxied: u64,
+    /// Closed for a bad, truncated, oversized, missing (at the header timeout) or untrusted
+    /// PROXY header.
+    pub proxy_rejected: u64,
 }
 
 /// When parked connections are ready and when they are given up on.
@@ -82,6 +90,7 @@ pub struct ParkPolicy {
     pub idle_timeout: Option<Duration>,
     pub header_timeout: Option<Duration>,
     pub max_parked: usize,
+    pub proxy: ProxyPolicy,
 }
 
 #[derive(Debug)]
@@ -93,6 +102,8 @@ struct Entry {
     has_sent: bool,
     idle_deadline: Option<Instant>,
     header_deadline: Option<Instant>,
+    /// Waiting for its PROXY header (Some(trusted source)); its header timer runs from accept.
+    awaiting_proxy: Option<bool>,
 }
 
 impl Entry {
@@ -173,6 +184,36 @@ impl ParkedSet {
         self.policy.max_parked
     }
 
+    /// Whether new connections start with a PROXY header (`-proxy`), so are held until it is in.
+    pub fn proxy_enabled(&self) -> bool {
+        self.policy.proxy.enabled()
+    }
+
+    /// With `-proxy`, takes a new connection's PROXY header if it is all there; if not yet,
+    /// parks the connection until it is (with `held` connections held), or closes it if it is
+    /// bad. The connection back when it can go on as `-wait` says.
+    pub fn admit(&mut self, epoll: &Epoll, mut conn: Connection, held: usize, now: Instant) -> Option<Connection> {
+        if !self.policy.proxy.enabled() {
+            return Some(conn);
+        }
+        let trusted = self.policy.proxy.trusts(&conn);
+        match self.policy.proxy.step(&mut conn, trusted, false, &mut self.peek) {
+            Step::Done { proxied } => {
+                self.counters.proxied += u64::from(proxied);
+                return Some(conn);
+            }
+            Step::Rejected => self.counters.proxy_rejected += 1,
+            Step::Gone => self.counters.closed_peer += 1,
+            // Not to be handed over before its header is in: closed if it cannot be watched.
+            Step::Pending => {
+                if self.insert(epoll, lift(conn), false, Some(trusted), held, now).is_err() {
+                    self.counters.proxy_rejected += 1;
+                }
+            }
+        }
+        None
+    }
+
     pub fn len(&self) -> usize {
         self.count
     }
@@ -187,6 +228,19 @@ impl ParkedSet {
     /// there is none, a hand-back with nothing to read is itself that connection. The connection
     /// back if it cannot be watched (the caller gives it to a worker as it is).
     pub fn park(&mut self, epoll: &Epoll, conn: Connection, handed_back: bool, held: usize, now: Instant) -> Result<(), Connection> {
+        self.insert(epoll, conn, handed_back, None, held, now)
+    }
+
+    /// Parks `conn`, awaiting its PROXY header if `awaiting_proxy` (see [`ParkedSet::park`]).
+    fn insert(
+        &mut self,
+        epoll: &Epoll,
+        conn: Connection,
+        handed_back: bool,
+        awaiting_proxy: Option<bool>,
+        held: usize,
+        now: Instant,
+    ) -> Result<(), Connection> {
         if handed_back {
             self.counters.handed_back += 1;
         }
@@ -209,7 +263,8 @@ impl ParkedSet {
             return Err(conn);
         }
         let idle_deadline = self.policy.idle_timeout.map(|t| now + t);
-        let entry = Entry { conn, serial, handed_back, has_sent: false, idle_deadline, header_deadline: None };
+        let header_deadline = self.policy.header_timeout.filter(|_| awaiting_proxy.is_some()).map(|t| now + t);
+        let entry = Entry { conn, serial, handed_back, has_sent: false, idle_deadline, header_deadline, awaiting_proxy };
         if index == self.entries.len() {
             self.entries.push(Some(entry));
         } else {
@@ -219,6 +274,9 @@ impl ParkedSet {
         self.counters.parked_total += 1;
         if let Some(deadline) = idle_deadline {
             self.push_timer(Timer::Idle, deadline, index, serial);
+        }
+        if let Some(deadline) = header_deadline {
+            self.push_timer(Timer::Header, deadline, index, serial);
         }
         if handed_back {
             self.evictable_count += 1;
@@ -244,7 +302,21 @@ impl ParkedSet {
 
     /// Looks at a connection an event was reported for (stale events are ignored).
     pub fn on_event(&mut self, epoll: &Epoll, index: usize, serial: u32, flags: EpollFlags, now: Instant) -> Outcome {
-        let Some(fd) = self.current(index, serial).map(|e| e.conn.fd.as_raw_fd()) else { return Outcome::Parked };
+        let Some(entry) = self.current(index, serial) else { return Outcome::Parked };
+        let at_end = flags.intersects(EpollFlags::EPOLLRDHUP | EpollFlags::EPOLLHUP | EpollFlags::EPOLLERR);
+        if entry.awaiting_proxy.is_some() {
+            match self.proxy_step(index, at_end) {
+                Step::Pending => return Outcome::Parked,
+                Step::Done { .. } if self.policy.wait == Wait::None => return Outcome::Ready(self.remove(epoll, index)),
+                // On to what `-wait` waits for: what came after the header is there already.
+                Step::Done { .. } => {}
+                Step::Rejected | Step::Gone => {
+                    drop(self.remove(epoll, index));
+                    return Outcome::Closed;
+                }
+            }
+        }
+        let fd = self.entries[index].as_ref().expect("current").conn.fd.as_raw_fd();
         let want = match self.policy.wait {
             Wait::Head => self.policy.head_size.max(1),
             _ => 1,
@@ -264,7 +336,6 @@ impl ParkedSet {
             self.counters.closed_peer += 1;
             return Outcome::Closed;
         };
-        let at_end = flags.intersects(EpollFlags::EPOLLRDHUP | EpollFlags::EPOLLHUP | EpollFlags::EPOLLERR);
         let ready = self.policy.wait != Wait::Head
             || at_end
             || head_complete(&self.peek[..n], &self.policy.delimiter, self.policy.head_size);
@@ -306,9 +377,11 @@ impl ParkedSet {
                 if timer == Timer::Idle && unseen_bytes {
                     continue;
                 }
+                let awaiting_proxy = self.entries[index].as_ref().is_some_and(|e| e.awaiting_proxy.is_some());
                 drop(self.remove(epoll, index));
                 match timer {
                     Timer::Idle => self.counters.closed_idle += 1,
+                    Timer::Header if awaiting_proxy => self.counters.proxy_rejected += 1,
                     Timer::Header => self.counters.closed_header += 1,
                 }
             }
@@ -359,6 +432,25 @@ impl ParkedSet {
         }
     }
 
+    /// Runs the PROXY header step of a parked connection, and counts what it came to. Once done,
+    /// the header timer is off (a head's own starts at its first byte).
+    fn proxy_step(&mut self, index: usize, at_end: bool) -> Step {
+        let entry = self.entries[index].as_mut().expect("current");
+        let trusted = entry.awaiting_proxy.expect("awaiting its header");
+        let step = self.policy.proxy.step(&mut entry.conn, trusted, at_end, &mut self.peek);
+        match step {
+            Step::Pending => {}
+            Step::Done { proxied } => {
+                entry.awaiting_proxy = None;
+                entry.header_deadline = None;
+                self.counters.proxied += u64::from(proxied);
+            }
+            Step::Rejected => self.counters.proxy_rejected += 1,
+            Step::Gone => self.counters.closed_peer += 1,
+        }
+        step
+    }
+
     fn current(&self, index: usize, serial: u32) -> Option<&Entry> {
         self.entries.get(index)?.as_ref().filter(|e| e.serial == serial)
     }
@@ -383,6 +475,21 @@ impl ParkedSet {
             queue.retain(|&(i, s)| self.current(i, s).is_some_and(Entry::evictable));
             self.evictable = queue;
         }
+    }
+}
+
+/// The connection at an fd number above select()'s range, where parked connections live (see
+/// `fdpass::above_select_range`); as it is if it is there already or cannot be moved. With
+/// `-wait none` and `-proxy`, only the rare connection whose header is not in at accept is
+/// parked, so it is moved then, not at accept.
+fn lift(conn: Connection) -> Connection {
+    if conn.fd.as_raw_fd() >= libc::FD_SETSIZE as i32 {
+        return conn;
+    }
+    let section = CreateSection::enter();
+    match conn.fd.try_clone().map(fdpass::above_select_range).and_then(|fd| section.adopt(fd)) {
+        Ok(fd) => Connection { fd, peer: conn.peer },
+        Err(_) => conn,
     }
 }
 
