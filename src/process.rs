@@ -270,6 +270,53 @@ mod tests {
     }
 
     #[test]
+    fn a_child_forked_while_another_thread_is_inside_trap_can_trap() {
+        crate::fork_safety::install().unwrap();
+        let stop = std::sync::Arc::new(std::sync::atomic::AtomicBool::new(false));
+        let looping = {
+            let stop = stop.clone();
+            std::thread::spawn(move || {
+                while !stop.load(std::sync::atomic::Ordering::SeqCst) {
+                    trap(Signal::SIGURG).unwrap();
+                    untrap(Signal::SIGURG).unwrap();
+                }
+            })
+        };
+        let mut hung = 0;
+        for _ in 0..500 {
+            if hung > 0 {
+                break; // one is proof enough
+            }
+            // SAFETY: the child only calls trap (which takes the table's lock, the point of
+            // the test) and leaves with _exit; it has one thread, so a lock it finds held stays
+            // held forever.
+            match unsafe { libc::fork() } {
+                0 => {
+                    let _ = trap(Signal::SIGURG);
+                    // SAFETY: ends the child without running the parent's destructors.
+                    unsafe { libc::_exit(0) }
+                }
+                pid => {
+                    let pid = nix::unistd::Pid::from_raw(pid);
+                    let deadline = std::time::Instant::now() + std::time::Duration::from_secs(2);
+                    while nix::sys::wait::waitpid(pid, Some(WaitPidFlag::WNOHANG)) == Ok(WaitStatus::StillAlive) {
+                        if std::time::Instant::now() > deadline {
+                            hung += 1;
+                            let _ = signal::kill(pid, Signal::SIGKILL);
+                            let _ = nix::sys::wait::waitpid(pid, None);
+                            break;
+                        }
+                        std::thread::sleep(std::time::Duration::from_micros(200));
+                    }
+                }
+            }
+        }
+        stop.store(true, std::sync::atomic::Ordering::SeqCst);
+        looping.join().unwrap();
+        assert_eq!(hung, 0, "children that found the trap table locked forever");
+    }
+
+    #[test]
     fn the_last_untrap_restores_the_action_from_before_the_first_trap() {
         let ignore = SigAction::new(SigHandler::SigIgn, SaFlags::empty(), SigSet::empty());
         // SAFETY: SIGWINCH is ignored by default anyway; nothing else in the tests uses it.
