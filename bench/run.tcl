@@ -202,6 +202,18 @@ proc ::bench::killpids {signal pids} {
     }
 }
 
+# Reap PID, a child of this process started with exec & (HAProxy) and
+# killed: else it stays a zombie, also after this process (a container's
+# init may not reap it).  Bounded: 1 s.
+proc ::bench::reap {pid} {
+    for {set i 0} {$i < 50} {incr i} {
+        if {[catch {wait -nohang $pid} r] || [llength $r]} {
+            return
+        }
+        pause 20
+    }
+}
+
 # Reads the non-blocking CHAN until EOF or the DEADLINE (clock milliseconds).
 # Returns {data finished}; finished is 0 if the deadline came first.
 proc ::bench::read_to_eof {chan deadline} {
@@ -359,6 +371,7 @@ proc ::bench::haproxy_start {servers} {
         while {[catch {close [socket 127.0.0.1 $fport]}]} {
             if {[clock milliseconds] > $deadline} {
                 killpids SIGKILL $pid
+                reap $pid
                 error "haproxy did not listen on $fport within 5 s"
             }
             pause 20
@@ -540,6 +553,9 @@ proc ::bench::stop {rec} {
         pause 20
     }
     killpids SIGKILL [lreverse $pids]
+    if {[dict exists $rec haproxy]} {
+        reap [dict get $rec haproxy]
+    }
     catch {fconfigure $chan -blocking 1}
     catch {close $chan}
     set i [lsearch -exact $servers $rec]
@@ -838,10 +854,11 @@ proc ::bench::lb_run {run cfg ncores} {
                     agent-check agent-port %d agent-inter 1s" [dict get $rec port] $lbsource $agent
         }]
         lassign [haproxy_start $lines] hpid fport
-        # stop (and cleanup) stops HAProxy with the first host, by pid.
+        # stop (and cleanup) stops HAProxy with the first host, by pid, and reaps it.
         set first [lindex $hosts 0]
         set i [lsearch -exact $servers $first]
         dict lappend first pids $hpid
+        dict set first haproxy $hpid
         lset servers $i $first
         lset hosts 0 $first
         set paths [list [list direct [dict get $first port]] [list haproxy $fport]]
