@@ -62,6 +62,15 @@
 # connection is summed over the bursts.  Their difference, run by run, is
 # what reading the PROXY header costs (target <= 2 µs).  Runs only when
 # haproxy is installed (scripts/deps.sh --bench).
+# Two hosts behind a load balancer (issue 12), configuration "lb": two
+# serving processes ss4lb (4 workers each, -proxy v2 believed only from
+# 127.0.0.2, -agent) on two ports, and one HAProxy in front of both
+# (send-proxy-v2 from source 127.0.0.2, weight 100, agent-check every 1 s).
+# wrk -c 32 -H 'Connection: close' directly to the first host (from
+# 127.0.0.1: served as a direct client, no header) and through HAProxy, in
+# turns -> req/s, p50, p99, errors, CPU per request of both hosts' processes
+# and of HAProxy, and PROXY headers read per request (1.00 through HAProxy:
+# the row measures what it says).  Runs only when haproxy is installed.
 # The idle and dripping clients and the timed requests come from the
 # `clients` example (bench/clients.rs), which raises its own fd limit; the
 # servers run with -backlog 1024 and, for ss4park, -maxparked 11000.
@@ -100,6 +109,7 @@ namespace eval ::bench {
     variable clktck 100
     variable idlecount 10000    ;# parked idle connections of the idle scenario
     variable maxparked 11000    ;# ss*park's -maxparked: the idle ones, and room for the load
+    variable lbsource 127.0.0.2 ;# HAProxy's source address in configuration lb
 }
 
 # ---------------------------------------------------------------- helpers
@@ -189,6 +199,18 @@ proc ::bench::killpids {signal pids} {
         if {[alive $pid]} {
             catch {kill $signal $pid}
         }
+    }
+}
+
+# Reap PID, a child of this process started with exec & (HAProxy) and
+# killed: else it stays a zombie, also after this process (a container's
+# init may not reap it).  Bounded: 1 s.
+proc ::bench::reap {pid} {
+    for {set i 0} {$i < 50} {incr i} {
+        if {[catch {wait -nohang $pid} r] || [llength $r]} {
+            return
+        }
+        pause 20
     }
 }
 
@@ -316,32 +338,48 @@ proc ::bench::hapcfg {name} {
 
 # Starts HAProxy on a free port in front of the server of REC (with
 # send-proxy-v2 for ss*hapv2); returns REC with port the frontend's, and
-# haproxy its pid.  HAProxy runs in the foreground (-db), one thread.
+# haproxy its pid.
 proc ::bench::haproxy {rec} {
+    set option [expr {[string match *v2 [dict get $rec name]] ? "send-proxy-v2" : ""}]
+    lassign [haproxy_start [list "127.0.0.1:[dict get $rec port] $option"]] pid fport
+    dict set rec haproxy $pid
+    dict set rec pids [concat [dict get $rec pids] $pid]
+    dict set rec port $fport
+    return $rec
+}
+
+# Starts HAProxy on a free port of 127.0.0.1, in the foreground (-db), one
+# thread, mode tcp, round robin over SERVERS (each the rest of a `server`
+# line: address and options); returns {pid port} once its frontend takes a
+# connection (bounded; killed by pid if it does not).
+proc ::bench::haproxy_start {servers} {
     set s [socket -server list -myaddr 127.0.0.1 0]
     set fport [lindex [fconfigure $s -sockname] 2]
     close $s
-    set option [expr {[string match *v2 [dict get $rec name]] ? "send-proxy-v2" : ""}]
     set conf [file tempfile path /tmp/socketserver-bench-haproxy.cfg]
     puts $conf "global\n    maxconn 1024\n    nbthread 1\ndefaults\n    mode tcp\n    timeout connect 5s
     timeout client 30s\n    timeout server 30s\nfrontend in\n    bind 127.0.0.1:$fport
-    default_backend host\nbackend host\n    server h1 127.0.0.1:[dict get $rec port] $option"
+    default_backend host\nbackend host"
+    set i 0
+    foreach server $servers {
+        puts $conf "    server h[incr i] $server"
+    }
     close $conf
     set pid [exec haproxy -db -f $path >& /dev/null &]
-    dict set rec haproxy $pid
-    dict set rec pids [concat [dict get $rec pids] $pid]
-    # Up when the frontend takes a connection (bounded).
     set deadline [expr {[clock milliseconds] + 5000}]
-    while {[catch {close [socket 127.0.0.1 $fport]}]} {
-        if {[clock milliseconds] > $deadline} {
-            file delete $path
-            error "haproxy did not listen on $fport within 5 s"
+    try {
+        while {[catch {close [socket 127.0.0.1 $fport]}]} {
+            if {[clock milliseconds] > $deadline} {
+                killpids SIGKILL $pid
+                reap $pid
+                error "haproxy did not listen on $fport within 5 s"
+            }
+            pause 20
         }
-        pause 20
+    } finally {
+        file delete $path
     }
-    file delete $path
-    dict set rec port $fport
-    return $rec
+    return [list $pid $fport]
 }
 
 # The number of workers of a socketserver configuration (ssN...), else 0.
@@ -412,6 +450,13 @@ proc ::bench::start {name ncores} {
             regexp {^ss(\d+)hap(v2)?$} $name -> n v2
             set cmd [ss_command [list $tclsh [file join $here ss_server.tcl] -workers $n \
                     -backlog 1024 -proxy [expr {$v2 ne "" ? "v2" : "none"}]] $n]
+        }
+        ss*lb {
+            # A host of configuration lb: PROXY v2 believed only from HAProxy's
+            # source address, so wrk's direct connections are served as they come.
+            regexp {^ss(\d+)lb$} $name -> n
+            set cmd [ss_command [list $tclsh [file join $here ss_server.tcl] -workers $n \
+                    -backlog 1024 -proxy v2 -proxyfrom $::bench::lbsource/32 -agent 0] $n]
         }
         ss*park - ss*waitnone {
             variable maxparked
@@ -508,6 +553,9 @@ proc ::bench::stop {rec} {
         pause 20
     }
     killpids SIGKILL [lreverse $pids]
+    if {[dict exists $rec haproxy]} {
+        reap [dict get $rec haproxy]
+    }
     catch {fconfigure $chan -blocking 1}
     catch {close $chan}
     set i [lsearch -exact $servers $rec]
@@ -787,6 +835,80 @@ proc ::bench::proxy_report {configs cfg} {
         {{proxy cpu_serving} {proxy errors 0}}
     target "PROXY v2 header, serving CPU per connection with − without, µs (issue 12, target ≤ 2)" \
         [med ss4hapv2 proxy cost] <= 2.0 "per run: [join [lmap v $::bench::vals(ss4hapv2,proxy,cost) {fmt $v}] {, }]"
+}
+
+# Configuration "lb" (see the top): two hosts ss4lb, HAProxy in front of both;
+# wrk directly to the first host and through HAProxy, in an order that
+# alternates from run to run.  Returns the progress line's part.
+proc ::bench::lb_run {run cfg ncores} {
+    variable servers
+    variable lbsource
+    set hosts {}
+    try {
+        foreach i {1 2} {
+            lappend hosts [start ss4lb $ncores]
+        }
+        set lines [lmap rec $hosts {
+            set agent [dict get [serving_info $rec] agentport]
+            format "127.0.0.1:%d send-proxy-v2 source %s weight 100\
+                    agent-check agent-port %d agent-inter 1s" [dict get $rec port] $lbsource $agent
+        }]
+        lassign [haproxy_start $lines] hpid fport
+        # stop (and cleanup) stops HAProxy with the first host, by pid, and reaps it.
+        set first [lindex $hosts 0]
+        set i [lsearch -exact $servers $first]
+        dict lappend first pids $hpid
+        dict set first haproxy $hpid
+        lset servers $i $first
+        lset hosts 0 $first
+        set paths [list [list direct [dict get $first port]] [list haproxy $fport]]
+        if {$run % 2 == 0} {
+            set paths [lreverse $paths]
+        }
+        set pids [concat {*}[lmap rec $hosts {concat [dict get $rec pid] [dict get $rec workers]}]]
+        set line ""
+        foreach pair $paths {
+            lassign $pair path port
+            ab $port [dict get $cfg warm] 4
+            set proxied0 [lmap rec $hosts {dict get [serving_info $rec] proxied}]
+            lassign [cpu $pids] h0
+            lassign [cpu $hpid] p0
+            set r [wrk $port [dict get $cfg lbd] 32]
+            pause 50
+            lassign [cpu $pids] h1
+            lassign [cpu $hpid] p1
+            set proxied [tcl::mathop::+ {*}[lmap rec $hosts n $proxied0 {
+                expr {[dict get [serving_info $rec] proxied] - $n}
+            }]]
+            foreach key {rps p50 p99 errors} {
+                record $run lb $path $key [dict get $r $key]
+            }
+            set n [expr {max([dict get $r requests], 1)}]
+            record $run lb $path cpu_hosts [expr {($h1 - $h0) / 1000.0 / $n}]
+            record $run lb $path cpu_haproxy [expr {($p1 - $p0) / 1000.0 / $n}]
+            record $run lb $path proxied_per_req [expr {double($proxied) / $n}]
+            append line " | $path [format %.0f [dict get $r rps]]/s,\
+                    hosts [fmt [last lb $path cpu_hosts]] µs/req"
+        }
+    } finally {
+        foreach rec $hosts {
+            stop $rec
+        }
+    }
+    return $line
+}
+
+proc ::bench::lb_report {configs cfg} {
+    if {"lb" ni $configs} {
+        return
+    }
+    table_rows "Two hosts behind HAProxy (issue 12), each socketserver N=4 -proxy v2 -agent;\
+            HAProxy send-proxy-v2, agent-check; wrk -c 32 -d [dict get $cfg lbd]s\
+            -H 'Connection: close'; CPU in µs per request: both hosts' processes, HAProxy's;\
+            PROXY headers read per request (both hosts' proxied):" \
+        {path req/s p50 p99 errors {CPU hosts} {CPU HAProxy} {PROXY/req}} \
+        {{"wrk directly to one host" lb direct} {"wrk through HAProxy to 2 hosts" lb haproxy}} \
+        {{* rps 0} {* p50} {* p99} {* errors 0} {* cpu_hosts} {* cpu_haproxy} {* proxied_per_req 2}}
 }
 
 # ---------------------------------------------------------------- parked connections
@@ -1217,7 +1339,7 @@ proc ::bench::main {argv} {
             -configs {
                 set only [lindex $argv [incr i]]
                 foreach c $only {
-                    if {![regexp {^(plain|limit|proxy|ss\d+(fe|tcl)?)$} $c] && ![parkcfg $c]} {
+                    if {![regexp {^(plain|limit|proxy|lb|ss\d+(fe|tcl)?)$} $c] && ![parkcfg $c]} {
                         error "-configs: unknown configuration \"$c\""
                     }
                 }
@@ -1227,21 +1349,23 @@ proc ::bench::main {argv} {
     }
     if {$quick} {
         set cfg [dict create abn 5000 wrkd 2 slowd 2 herd 1000 warm 200 proxyrounds 4 proxyburst 2000 \
-                kad 1 idled 1 slowcd 2 slowcn 500 \
-                configs {plain ss2 ss8 limit ss1000 plainka ss4park ss4waitnone proxy}]
+                lbd 1 kad 1 idled 1 slowcd 2 slowcn 500 \
+                configs {plain ss2 ss8 limit ss1000 plainka ss4park ss4waitnone proxy lb}]
     } else {
         set cfg [dict create abn 20000 wrkd 10 slowd 4 herd 2000 warm 500 proxyrounds 10 proxyburst 4000 \
-                kad 3 idled 2 slowcd 3 slowcn 1000 \
+                lbd 3 kad 3 idled 2 slowcd 3 slowcn 1000 \
                 configs {plain ss1 ss2 ss4 ss8 ss8tcl limit ss1000 plainka ss4park ss4waitnone
-                    proxy}]
+                    proxy lb}]
     }
     if {[llength $only]} {
         dict set cfg configs $only
     }
     set configs [dict get $cfg configs]
     if {[auto_execok haproxy] eq ""} {
-        set configs [lsearch -all -inline -not -exact $configs proxy]
-        say "haproxy is not installed (scripts/deps.sh --bench): no PROXY protocol row"
+        foreach c [lmap c $configs {if {$c ni {proxy lb}} continue; set c}] {
+            set configs [lsearch -all -inline -not -exact $configs $c]
+            say "haproxy is not installed (scripts/deps.sh --bench): configuration $c skipped"
+        }
     }
 
     # What we need, checked before anything starts.
@@ -1301,8 +1425,8 @@ proc ::bench::main {argv} {
                 set t0 [clock milliseconds]
                 set rec {}
                 try {
-                    if {$name eq "proxy"} {
-                        say "run $run/$runs [format %-11s $name][proxy_run $run $cfg $ncores]\
+                    if {$name in {proxy lb}} {
+                        say "run $run/$runs [format %-11s $name][${name}_run $run $cfg $ncores]\
                                 ([format %.1f [expr {([clock milliseconds] - $t0) / 1000.0}]] s)"
                         continue
                     }
@@ -1366,7 +1490,7 @@ proc ::bench::main {argv} {
 }
 
 proc ::bench::report {all cfg} {
-    set configs [lmap c $all {if {[parkcfg $c] || $c eq "proxy"} continue; set c}]
+    set configs [lmap c $all {if {[parkcfg $c] || $c in {proxy lb}} continue; set c}]
     set abn [dict get $cfg abn]
     set herd [dict get $cfg herd]
     say "\nMedians of the runs, (min–max). Latencies in ms; CPU in ms per 1000 connections\
@@ -1392,6 +1516,7 @@ proc ::bench::report {all cfg} {
     many_workers $configs $cfg
     park_report $all $cfg
     proxy_report $all $cfg
+    lb_report $all $cfg
 }
 
 # Issue 10: the dispatcher's cost per connection must not grow with the number

@@ -4,7 +4,7 @@
 #   TCLLIBPATH=.../build tclsh bench/ss_server.tcl ?-workers N? ?-port PORT?
 #       ?-queue Q? ?-backlog B? ?-handler sync|fileevent|park?
 #       ?-notifier poll|tcl? ?-wait none|data|head? ?-maxparked M?
-#       ?-proxy none|v1|v2|any?
+#       ?-proxy none|v1|v2|any? ?-proxyfrom CIDRS? ?-agent PORT?
 #
 # Every worker serves bench/http.tcl's answer and re-arms with
 # `::socketserver::socket client` when it has finished a connection.
@@ -15,7 +15,9 @@
 # non-blocking fileevent-driven handler that plain Tcl must use, to show that
 # cost.  -handler park uses ::bench::accept_park: HTTP/1.1 keep-alive, the
 # connection handed back to the dispatcher after every answer (issue 11).
-# -wait, -maxparked and -proxy, when given, go to `socket server` as they are.
+# -wait, -maxparked, -proxy, -proxyfrom and -agent, when given, go to
+# `socket server` as they are (info's agentport, through the control port,
+# tells the agent's port).
 #
 # Output on stdout, one line each:
 #   worker PID ctl CTLPORT            once per worker, when it starts
@@ -112,9 +114,9 @@ proc ::ss::main {argv} {
     variable notifier
     set usage "usage: ss_server.tcl ?-workers N? ?-port PORT? ?-queue Q? ?-backlog B?\
             ?-handler sync|fileevent|park? ?-notifier poll|tcl? ?-wait none|data|head? ?-maxparked M?\
-            ?-proxy none|v1|v2|any?"
+            ?-proxy none|v1|v2|any? ?-proxyfrom CIDRS? ?-agent PORT?"
     array set opt {-workers 2 -port 0 -queue 0 -backlog 128 -handler sync -notifier poll
-        -wait {} -maxparked {} -proxy {}}
+        -wait {} -maxparked {} -proxy {} -proxyfrom {} -agent {}}
     if {[llength $argv] % 2} {
         error $usage
     }
@@ -135,7 +137,7 @@ proc ::ss::main {argv} {
     }
     set notifier $opt(-notifier)
     set server [list -myaddr 127.0.0.1 -queue $opt(-queue) -backlog $opt(-backlog)]
-    foreach name {-wait -maxparked -proxy} {
+    foreach name {-wait -maxparked -proxy -proxyfrom -agent} {
         if {$opt($name) ne ""} {
             lappend server $name $opt($name)
         }
