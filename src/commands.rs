@@ -642,37 +642,36 @@ pub fn trap_command(cell: &StateCell, objv: &[Obj], words: &[String]) -> CmdResu
     Ok(Obj::string(""))
 }
 
-/// The self-pipe's file handler: runs, for each signal read, the trap of every interp of this
-/// thread that traps it.
+/// The self-pipe's file handler: reads one signal and runs the trap of every interp of this
+/// thread that traps it (the next signal is the next call's: see `process::next_signal`).
 unsafe extern "C" fn on_signal_pipe(_data: ClientData, _mask: c_int) {
     let Ok(pipe) = process::trap_pipe() else { return };
     // try_with: never a panic here, where nothing would catch it (TRAPPERS is gone only while
     // the thread exits).
     let listed = TRAPPERS.try_with(|trappers| trappers.borrow().clone()).unwrap_or_default();
-    // Every interp that traps now is held for the whole drain: a trap script that deletes an
-    // interp (its own or another's) leaves it deleted but not freed, with its state, until the
-    // end; and an interp created meanwhile (even at a freed one's address) is not in this list,
-    // so it hears only signals that arrive after it trapped them.
+    let Some(signal) = process::next_signal(pipe) else { return };
+    // Every interp that traps now is held while the signal's traps run: a trap script that
+    // deletes an interp (its own or another's) leaves it deleted but not freed, with its state,
+    // until the end; and an interp created meanwhile (even at a freed one's address) is not in
+    // this list, so it hears only signals that arrive after it trapped them.
     let held: Vec<(ffi::PreservedInterp, *const StateCell)> = listed
         .into_iter()
         // SAFETY: a listed interp is live: its state's Drop unlists it before the interp is freed.
         .map(|(interp, cell)| (unsafe { ffi::PreservedInterp::new(interp) }, cell))
         .collect();
-    for signal in process::drain_signals(pipe) {
-        for (held, cell) in &held {
-            let interp = held.interp();
-            if ffi::interp_deleted(interp) {
-                continue;
-            }
-            // SAFETY: the interp is preserved, so its assoc data (this state) is not freed yet.
-            let cell = unsafe { &**cell };
-            ffi::guard_callback(interp, || {
-                let script = cell.borrow().traps.get(&signal).cloned();
-                if let Some(script) = script {
-                    ffi::call_in_background(interp, &script, &[]);
-                }
-            });
+    for (held, cell) in &held {
+        let interp = held.interp();
+        if ffi::interp_deleted(interp) {
+            continue;
         }
+        // SAFETY: the interp is preserved, so its assoc data (this state) is not freed yet.
+        let cell = unsafe { &**cell };
+        ffi::guard_callback(interp, || {
+            let script = cell.borrow().traps.get(&signal).cloned();
+            if let Some(script) = script {
+                ffi::call_in_background(interp, &script, &[]);
+            }
+        });
     }
 }
 

@@ -192,16 +192,21 @@ pub fn untrap(signal: Signal) -> CmdResult<()> {
     })
 }
 
-/// Reads the signals that have arrived, in order (bytes that name no signal are dropped).
-pub fn drain_signals(read: RawFd) -> Vec<Signal> {
-    let mut buf = [0u8; 64];
-    let mut signals = Vec::new();
+/// Reads the next signal that has arrived, if any (bytes that name no signal are skipped). One
+/// at a time: a trap script that runs the event loop (a pool's stop waits for its workers) then
+/// finds the pipe still readable and the signals after its own served, not held back until it
+/// returns.
+pub fn next_signal(read: RawFd) -> Option<Signal> {
+    let mut byte = [0u8; 1];
     loop {
-        match unistd::read(read, &mut buf) {
-            Ok(0) | Err(Errno::EAGAIN) => return signals,
-            Ok(n) => signals.extend(buf[..n].iter().filter_map(|&b| Signal::try_from(i32::from(b)).ok())),
-            Err(Errno::EINTR) => continue,
-            Err(_) => return signals,
+        match unistd::read(read, &mut byte) {
+            Ok(1) => {
+                if let Ok(signal) = Signal::try_from(i32::from(byte[0])) {
+                    return Some(signal);
+                }
+            }
+            Err(Errno::EINTR) => {}
+            _ => return None,
         }
     }
 }
@@ -264,7 +269,8 @@ mod tests {
         trap(Signal::SIGUSR2).unwrap();
         // SAFETY: raise(3) delivers to this thread, whose handler only writes to the pipe.
         unsafe { libc::raise(libc::SIGUSR2) };
-        assert_eq!(drain_signals(read), vec![Signal::SIGUSR2]);
+        assert_eq!(next_signal(read), Some(Signal::SIGUSR2));
+        assert_eq!(next_signal(read), None);
         untrap(Signal::SIGUSR2).unwrap();
         assert!(trap(Signal::SIGKILL).is_err());
     }
