@@ -80,21 +80,24 @@ impl Agent {
     }
 
     /// Answers the waiting agent connections (at most [`ANSWER_BATCH`]).
-    pub fn serve(&mut self, registered: usize, ready: usize) {
-        let Some(listener) = &self.listener else { return };
+    /// Answers the waiting connections; true if it stopped for lack of fds or memory (the
+    /// caller then stops watching the port for a while: a connection it cannot accept keeps the
+    /// port readable).
+    pub fn serve(&mut self, registered: usize, ready: usize) -> bool {
+        let Some(listener) = &self.listener else { return false };
         let line = answer(self.counters.draining, registered, ready);
         for _ in 0..ANSWER_BATCH {
             // The connection lives only inside the section: a fork never catches it.
             let _section = CreateSection::enter();
             let conn = match fdpass::accept(listener.as_fd()) {
                 Ok((conn, _)) => conn,
-                Err(err) if err.raw_os_error() == Some(libc::EAGAIN) => return,
+                Err(err) if err.raw_os_error() == Some(libc::EAGAIN) => return false,
                 // The peer gave up, or a signal: the next.
                 Err(err) if matches!(err.raw_os_error(), Some(libc::ECONNABORTED | libc::EINTR | libc::EPROTO)) => {
                     continue
                 }
-                // Out of fds or memory: the next wake-up tries again.
-                Err(_) => return,
+                // Out of fds or memory.
+                Err(_) => return true,
             };
             let flags = MsgFlags::MSG_DONTWAIT | MsgFlags::MSG_NOSIGNAL;
             // A fresh socket's send buffer is empty, so the short line goes in one write; a peer
@@ -113,6 +116,7 @@ impl Agent {
                 }
             }
         }
+        false
     }
 }
 

@@ -142,6 +142,9 @@ pub struct Dispatcher {
     refused: u64,
     dropped: u64,
     accept_paused_until: Option<Instant>,
+    /// The agent's port is not watched until then (it ran out of fds answering).
+    agent_paused_until: Option<Instant>,
+    watching_agent: bool,
     nonces: RandomState,
     nonce_count: u64,
     /// The registration socket's two ends (see `fdpass::identity`): a worker may hand over a
@@ -212,6 +215,8 @@ impl Dispatcher {
             refused: 0,
             dropped: 0,
             accept_paused_until: None,
+            agent_paused_until: None,
+            watching_agent: true,
             nonces: RandomState::new(),
             nonce_count: 0,
             own_sockets,
@@ -224,8 +229,9 @@ impl Dispatcher {
     pub fn run(mut self) {
         let mut events = [EpollEvent::empty(); EVENTS];
         loop {
-            self.update_watches();
+            // The pauses that are over end first, so the watches below follow them.
             let timeout = self.timeout();
+            self.update_watches();
             let n = match self.epoll.wait(&mut events, timeout) {
                 Ok(n) => n,
                 Err(nix::errno::Errno::EINTR) => continue,
@@ -289,18 +295,21 @@ impl Dispatcher {
         self.parked.len() + self.waiting.len()
     }
 
-    /// Ends the accept pause if it is over; the wait's timeout: until the pause ends or the next
-    /// parked connection's deadline, whichever comes first.
+    /// Ends the pauses (accepting, the agent's port) that are over; the wait's timeout: until the
+    /// next pause ends or the next parked connection's deadline, whichever comes first.
     fn timeout(&mut self) -> EpollTimeout {
-        let paused = self.accept_paused_until;
-        let Some(until) = [paused, self.parked.next_deadline()].into_iter().flatten().min() else {
+        let now = Instant::now();
+        for pause in [&mut self.accept_paused_until, &mut self.agent_paused_until] {
+            if pause.is_some_and(|until| until <= now) {
+                *pause = None;
+            }
+        }
+        let pauses = [self.accept_paused_until, self.agent_paused_until];
+        let Some(until) = pauses.into_iter().chain([self.parked.next_deadline()]).flatten().min() else {
             return EpollTimeout::NONE;
         };
-        let left = until.saturating_duration_since(Instant::now());
+        let left = until.saturating_duration_since(now);
         if left.is_zero() {
-            if paused.is_some_and(|p| p <= until) {
-                self.accept_paused_until = None;
-            }
             return EpollTimeout::ZERO;
         }
         EpollTimeout::try_from(left + Duration::from_millis(1)).unwrap_or(EpollTimeout::MAX)
@@ -353,6 +362,13 @@ impl Dispatcher {
         if want_listener != self.watching_listener {
             self.watching_listener = want_listener;
             self.set_watch(self.listener.as_fd(), want_listener, LISTENER);
+        }
+        let want_agent = self.agent_paused_until.is_none();
+        if want_agent != self.watching_agent {
+            self.watching_agent = want_agent;
+            if let Some(listener) = self.agent.listener() {
+                self.set_watch(listener, want_agent, AGENT);
+            }
         }
         let want_links = self.ready.is_empty();
         if want_links != self.watching_links {
@@ -620,7 +636,9 @@ impl Dispatcher {
     /// Answers the agent connections that wait, with the share of workers ready now.
     fn answer_agents(&mut self) {
         self.catch_up();
-        self.agent.serve(self.workers.len(), self.ready.len());
+        if self.agent.serve(self.workers.len(), self.ready.len()) {
+            self.agent_paused_until = Some(Instant::now() + ACCEPT_BACKOFF);
+        }
     }
 
     /// Answers the Tcl thread's requests; false when the thread should stop.
