@@ -34,7 +34,9 @@ fn invalid(variable: &str, value: &str) -> CmdError {
 impl Passed {
     /// What the variables say was passed to process `me`. A missing `LISTEN_FDNAMES` names every
     /// socket "unknown", as systemd does.
-    pub fn parse(pid: Option<&str>, fds: Option<&str>, names: Option<&str>, me: u32) -> CmdResult<Passed> {
+    /// `max_fds`: the process's limit on open files; more passed fds than that is malformed
+    /// (and would cost memory and time to walk).
+    pub fn parse(pid: Option<&str>, fds: Option<&str>, names: Option<&str>, me: u32, max_fds: usize) -> CmdResult<Passed> {
         let (Some(pid_word), Some(fds_word)) = (pid, fds) else { return Err(none()) };
         let number = |word: &str| word.bytes().all(|b| b.is_ascii_digit()).then(|| word.parse::<u32>().ok()).flatten();
         let pid = number(pid_word).filter(|&p| p > 0).ok_or_else(|| invalid("LISTEN_PID", pid_word))?;
@@ -45,7 +47,7 @@ impl Passed {
             ));
         }
         let count = number(fds_word)
-            .filter(|&n| n <= (RawFd::MAX - FIRST_FD) as u32)
+            .filter(|&n| n <= (RawFd::MAX - FIRST_FD) as u32 && n as usize <= max_fds)
             .ok_or_else(|| invalid("LISTEN_FDS", fds_word))? as usize;
         if count == 0 {
             return Err(none());
@@ -93,7 +95,7 @@ mod tests {
 
     #[test]
     fn named_sockets_are_found_by_name_from_fd_3() {
-        let passed = Passed::parse(Some("42"), Some("3"), Some("http:admin:http"), 42).unwrap();
+        let passed = Passed::parse(Some("42"), Some("3"), Some("http:admin:http"), 42, 1024).unwrap();
         assert_eq!(passed.fds().collect::<Vec<_>>(), vec![3, 4, 5]);
         assert_eq!(passed.find("http"), Ok(3), "the first of a name");
         assert_eq!(passed.find("admin"), Ok(4));
@@ -105,7 +107,7 @@ mod tests {
 
     #[test]
     fn sockets_without_names_are_unknown() {
-        let passed = Passed::parse(Some("7"), Some("2"), None, 7).unwrap();
+        let passed = Passed::parse(Some("7"), Some("2"), None, 7, 1024).unwrap();
         assert_eq!(passed.find("unknown"), Ok(3));
         assert_eq!(passed.find("*"), Ok(3));
     }
@@ -113,11 +115,11 @@ mod tests {
     #[test]
     fn nothing_passed_or_passed_to_another_process_is_an_error() {
         for (pid, fds) in [(None, None), (Some("7"), None), (None, Some("1")), (Some("7"), Some("0"))] {
-            let (message, code) = text(Passed::parse(pid, fds, None, 7).unwrap_err());
+            let (message, code) = text(Passed::parse(pid, fds, None, 7, 1024).unwrap_err());
             assert_eq!(message, "no socket passed by the service manager");
             assert_eq!(code, ["SOCKETSERVER", "SYSTEMD", "NONE"]);
         }
-        let (message, code) = text(Passed::parse(Some("8"), Some("1"), None, 7).unwrap_err());
+        let (message, code) = text(Passed::parse(Some("8"), Some("1"), None, 7, 1024).unwrap_err());
         assert_eq!(message, "no socket passed by the service manager to this process: LISTEN_PID is 8, not 7");
         assert_eq!(code, ["SOCKETSERVER", "SYSTEMD", "PID"]);
     }
@@ -130,10 +132,12 @@ mod tests {
             ("+7", "1", None, "malformed LISTEN_PID \"+7\" from the service manager"),
             ("7", "-1", None, "malformed LISTEN_FDS \"-1\" from the service manager"),
             ("7", "99999999999", None, "malformed LISTEN_FDS \"99999999999\" from the service manager"),
+            ("7", "2000000000", None, "malformed LISTEN_FDS \"2000000000\" from the service manager"),
+            ("7", "1025", None, "malformed LISTEN_FDS \"1025\" from the service manager"),
             ("7", "2", Some("a"), "malformed LISTEN_FDNAMES \"a\" from the service manager"),
             ("7", "1", Some("a:b"), "malformed LISTEN_FDNAMES \"a:b\" from the service manager"),
         ] {
-            let (message, code) = text(Passed::parse(Some(pid), Some(fds), names, 7).unwrap_err());
+            let (message, code) = text(Passed::parse(Some(pid), Some(fds), names, 7, 1024).unwrap_err());
             assert_eq!((message.as_str(), code[2].as_str()), (bad, "INVALID"));
         }
     }

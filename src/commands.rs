@@ -196,7 +196,9 @@ fn passed(state: &mut InterpState) -> CmdResult<&Passed> {
                 ffi::unset_env(state.interp, name);
             }
         }
-        let passed = Passed::parse(pid.as_deref(), fds.as_deref(), names.as_deref(), me)?;
+        let max_fds = nix::sys::resource::getrlimit(nix::sys::resource::Resource::RLIMIT_NOFILE)
+            .map_or(usize::MAX, |(soft, _)| usize::try_from(soft).unwrap_or(usize::MAX));
+        let passed = Passed::parse(pid.as_deref(), fds.as_deref(), names.as_deref(), me, max_fds)?;
         for fd in passed.fds() {
             // Not open (a manager's mistake): the check of the adopted fd reports it.
             let _ = nix::fcntl::fcntl(fd, nix::fcntl::FcntlArg::F_SETFD(nix::fcntl::FdFlag::FD_CLOEXEC));

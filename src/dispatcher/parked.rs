@@ -439,10 +439,13 @@ impl ParkedSet {
         let trusted = entry.awaiting_proxy.expect("awaiting its header");
         let step = self.policy.proxy.step(&mut entry.conn, trusted, at_end, &mut self.peek);
         match step {
-            Step::Pending => {}
+            // Part of a header, seen: the idle timer may close it now (it skips only bytes this
+            // thread has not seen yet).
+            Step::Pending => entry.has_sent = true,
             Step::Done { proxied } => {
                 entry.awaiting_proxy = None;
                 entry.header_deadline = None;
+                entry.has_sent = false; // a head's bytes start now
                 self.counters.proxied += u64::from(proxied);
             }
             Step::Rejected => self.counters.proxy_rejected += 1,
