@@ -6,6 +6,7 @@
 //! in parallel threads cannot disturb the counts.
 
 use super::control::WorkerState;
+use super::tests::wait_for;
 use super::*;
 use crate::fdpass::wait_readable;
 use crate::wire::tests::Prng;
@@ -22,17 +23,6 @@ fn start(max_workers: Option<usize>) -> Server {
     Server::start(ServerConfig { backlog: 64, max_workers, ..ServerConfig::new("127.0.0.1:0".parse().unwrap()) }).unwrap()
 }
 
-fn wait_for(server: &Server, what: &str, cond: impl Fn(&Snapshot) -> bool) -> Snapshot {
-    let deadline = Instant::now() + 10 * SECOND;
-    loop {
-        let snap = server.snapshot().unwrap();
-        if cond(&snap) {
-            return snap;
-        }
-        assert!(Instant::now() < deadline, "timed out waiting for {what}: {snap:?}");
-        std::thread::sleep(Duration::from_millis(2));
-    }
-}
 
 /// Runs the calling test (`name`, its function's name, in `module`, the caller's
 /// `module_path!()`) in a process of its own: false there (run the body), true in the parent

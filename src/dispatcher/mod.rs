@@ -283,8 +283,9 @@ mod tests {
         Server::start(ServerConfig { backlog: 16, queue_limit: queue, ..ServerConfig::new("127.0.0.1:0".parse().unwrap()) }).unwrap()
     }
 
-    fn wait_for(server: &Server, what: &str, cond: impl Fn(&Snapshot) -> bool) -> Snapshot {
-        let deadline = Instant::now() + Duration::from_secs(5);
+    /// Polls the dispatcher's counters until `cond` holds (a bound against a hang: 10 s).
+    pub(super) fn wait_for(server: &Server, what: &str, cond: impl Fn(&Snapshot) -> bool) -> Snapshot {
+        let deadline = Instant::now() + Duration::from_secs(10);
         loop {
             let snap = server.snapshot().unwrap();
             if cond(&snap) {
@@ -296,14 +297,14 @@ mod tests {
     }
 
     /// A worker registered with `server` and armed, once the dispatcher knows it is ready.
-    fn ready_worker(server: &Server) -> WorkerLink {
+    pub(super) fn ready_worker(server: &Server) -> WorkerLink {
         let mut link = WorkerLink::register(server.registration.as_fd()).unwrap();
         link.arm().unwrap();
         wait_for(server, "ready", |s| s.ready == 1);
         link
     }
 
-    fn receive(link: &mut WorkerLink) -> Delivery {
+    pub(super) fn receive(link: &mut WorkerLink) -> Delivery {
         wait_readable(link.as_fd(), Duration::from_secs(5)).expect("a delivery in time");
         link.receive().unwrap().expect("a connection")
     }

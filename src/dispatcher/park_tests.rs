@@ -4,10 +4,10 @@
 //! it watches), and the fds of 10,000 parked-and-closed connections.
 
 use super::hostile::{in_own_process, open_fds};
+use super::tests::{ready_worker, receive, wait_for};
 use super::*;
-use crate::fdpass::wait_readable;
 use crate::wire::{self, MAX_MESSAGE};
-use crate::worker::{Delivery, WorkerLink};
+use crate::worker::WorkerLink;
 use std::io::{Read, Write};
 use std::net::{Shutdown, TcpListener, TcpStream};
 use std::os::fd::BorrowedFd;
@@ -20,29 +20,8 @@ fn start(wait: Wait, tweak: impl FnOnce(&mut ServerConfig)) -> Server {
     Server::start(config).unwrap()
 }
 
-fn wait_for(server: &Server, what: &str, cond: impl Fn(&Snapshot) -> bool) -> Snapshot {
-    let deadline = Instant::now() + 10 * SECOND;
-    loop {
-        let snap = server.snapshot().unwrap();
-        if cond(&snap) {
-            return snap;
-        }
-        assert!(Instant::now() < deadline, "timed out waiting for {what}: {snap:?}");
-        std::thread::sleep(Duration::from_millis(2));
-    }
-}
 
-fn ready_worker(server: &Server) -> WorkerLink {
-    let mut link = WorkerLink::register(server.registration.as_fd()).unwrap();
-    link.arm().unwrap();
-    wait_for(server, "a ready worker", |s| s.ready == 1);
-    link
-}
 
-fn receive(link: &mut WorkerLink) -> Delivery {
-    wait_readable(link.as_fd(), 5 * SECOND).expect("a delivery in time");
-    link.receive().unwrap().expect("a connection")
-}
 
 fn nothing_delivered(link: &mut WorkerLink) -> bool {
     matches!(link.receive(), Err(e) if e.kind() == io::ErrorKind::WouldBlock)
