@@ -6,7 +6,7 @@
 //! in parallel threads cannot disturb the counts.
 
 use super::control::WorkerState;
-use super::tests::wait_for;
+use super::tests::{receive, wait_for};
 use super::*;
 use crate::fdpass::wait_readable;
 use crate::wire::tests::Prng;
@@ -130,9 +130,13 @@ fn tcp_pair(server_for_listen: &Server) -> (TcpStream, OwnedFd) {
 fn serves(server: &Server, link: &mut WorkerLink) {
     link.arm().unwrap();
     let mut client = TcpStream::connect(server.address).unwrap();
+    answers(link, &mut client);
+}
+
+/// The worker gets `client`'s connection, with its address, and what it writes reaches it.
+fn answers(link: &mut WorkerLink, client: &mut TcpStream) {
     client.set_read_timeout(Some(5 * SECOND)).unwrap();
-    wait_readable(link.as_fd(), 5 * SECOND).expect("a delivery in time");
-    let delivery = link.receive().unwrap().expect("a connection");
+    let delivery = receive(link);
     assert_eq!(delivery.peer, client.local_addr().unwrap());
     TcpStream::from(delivery.fd).write_all(b"served").unwrap();
     let mut reply = String::new();
@@ -241,13 +245,7 @@ fn junk_in_a_dead_workers_mailbox_is_dropped_and_its_connection_saved() {
     drop(rogue); // dies without taking it
     let mut honest = WorkerLink::register(server.registration.as_fd()).unwrap();
     honest.arm().unwrap();
-    wait_readable(honest.as_fd(), 5 * SECOND).expect("the saved connection");
-    let delivery = honest.receive().unwrap().expect("a connection");
-    assert_eq!(delivery.peer, client.local_addr().unwrap());
-    TcpStream::from(delivery.fd).write_all(b"saved").unwrap();
-    let mut reply = String::new();
-    client.read_to_string(&mut reply).unwrap();
-    assert_eq!(reply, "saved");
+    answers(&mut honest, &mut client); // the saved connection
     assert_eq!(server.snapshot().unwrap().dropped, 4);
 }
 
@@ -383,8 +381,7 @@ fn a_socket_a_worker_queues_in_its_own_mailbox_is_never_read_back_as_its_connect
     drop(rogue);
     let mut honest = WorkerLink::register(server.registration.as_fd()).unwrap();
     honest.arm().unwrap();
-    wait_readable(honest.as_fd(), 5 * SECOND).expect("a delivery");
-    let delivery = honest.receive().unwrap().expect("a connection");
+    let delivery = receive(&mut honest);
     assert_eq!(delivery.peer, client.local_addr().unwrap(), "the honest worker gets the real client");
     let snap = wait_for(&server, "the fake counted", |s| s.dropped >= 1);
     assert_eq!(snap.dropped, 1);
