@@ -59,7 +59,7 @@ pub(super) fn open_fds() -> usize {
 }
 
 /// CPU time (clock ticks) used so far by this process's dispatcher thread.
-fn dispatcher_cpu_ticks(server: &Server) -> u64 {
+pub(super) fn dispatcher_cpu_ticks(server: &Server) -> u64 {
     // Answered: the thread runs, so it has named itself.
     server.snapshot().unwrap();
     for task in std::fs::read_dir("/proc/self/task").unwrap() {
@@ -84,7 +84,7 @@ fn send_registration(server: &Server, payload: &[u8], fds: &[BorrowedFd]) {
 }
 
 /// The dispatcher's answer on a hand-made link: None if it closed the link unanswered.
-fn answer(link: &OwnedFd) -> Option<wire::Answer> {
+pub(super) fn answer(link: &OwnedFd) -> Option<wire::Answer> {
     wait_readable(link.as_fd(), 5 * SECOND).expect("an answer or the link closed, in time");
     let mut buf = [0u8; MAX_MESSAGE];
     match fdpass::recv_with_fds(link.as_fd(), &mut buf).unwrap() {
@@ -94,7 +94,7 @@ fn answer(link: &OwnedFd) -> Option<wire::Answer> {
 }
 
 /// A registration of this protocol's version, claiming `pid`.
-fn registration(pid: i32) -> [u8; 6] {
+pub(super) fn registration(pid: i32) -> [u8; 6] {
     wire::encode_registration(wire::Registration { version: wire::VERSION, pid })
 }
 
@@ -122,7 +122,7 @@ impl Rogue {
     }
 }
 
-fn tcp_pair(server_for_listen: &Server) -> (TcpStream, OwnedFd) {
+pub(super) fn tcp_pair(server_for_listen: &Server) -> (TcpStream, OwnedFd) {
     // Any TCP connection will do: the server's own listener is not ours to accept from.
     let _ = server_for_listen;
     let listener = std::net::TcpListener::bind("127.0.0.1:0").unwrap();
@@ -132,7 +132,7 @@ fn tcp_pair(server_for_listen: &Server) -> (TcpStream, OwnedFd) {
 }
 
 /// The honest worker answers a real client.
-fn serves(server: &Server, link: &mut WorkerLink) {
+pub(super) fn serves(server: &Server, link: &mut WorkerLink) {
     link.arm().unwrap();
     let mut client = TcpStream::connect(server.address).unwrap();
     answers(link, &mut client);
@@ -255,7 +255,7 @@ fn junk_in_a_dead_workers_mailbox_is_dropped_and_its_connection_saved() {
 }
 
 /// Random bytes (or a well-formed message) with random fds of every kind, at most three.
-fn random_message(rng: &mut Prng, kinds: &[BorrowedFd]) -> (Vec<u8>, Vec<usize>) {
+pub(super) fn random_message(rng: &mut Prng, kinds: &[BorrowedFd]) -> (Vec<u8>, Vec<usize>) {
     let bytes = match rng.next() % 6 {
         0 => Vec::new(),
         1 => registration(rng.next() as i32).to_vec(),

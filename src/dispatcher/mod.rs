@@ -33,6 +33,8 @@ mod event_loop;
 #[cfg(test)]
 mod hostile;
 #[cfg(test)]
+mod named_tests;
+#[cfg(test)]
 mod park_tests;
 mod parked;
 mod pending;
