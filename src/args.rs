@@ -5,8 +5,8 @@ use crate::proxy::{Accept, Cidr};
 use std::net::{IpAddr, Ipv4Addr, SocketAddr, ToSocketAddrs};
 use std::time::Duration;
 
-pub const SERVER_USAGE: &str = "?-myaddr addr? ?-backlog n? ?-queue n? ?-maxworkers n? ?-wait none|data|head? ?-delimiter bytes? ?-headsize n? ?-idletimeout ms? ?-headertimeout ms? ?-maxparked n? ?-proxy none|v1|v2|any? ?-proxyfrom {cidr ...}? ?-agent port? ?-fd n? ?-systemd name? ?port?";
-pub const CLIENT_USAGE: &str = "?-port port? handler";
+pub const SERVER_USAGE: &str = "?-myaddr addr? ?-backlog n? ?-queue n? ?-maxworkers n? ?-wait none|data|head? ?-delimiter bytes? ?-headsize n? ?-idletimeout ms? ?-headertimeout ms? ?-maxparked n? ?-proxy none|v1|v2|any? ?-proxyfrom {cidr ...}? ?-agent port? ?-path path? ?-pathmode mode? ?-allowusers {user ...}? ?-allowgroups {group ...}? ?-fd n? ?-systemd name? ?port?";
+pub const CLIENT_USAGE: &str = "?-port port | -path path? ?-onclose command? handler";
 pub const CLOSE_USAGE: &str = "port";
 pub const INFO_USAGE: &str = "?port?";
 pub const DRAIN_USAGE: &str = "port ?bool?";
@@ -158,9 +158,10 @@ fn resolve(host: &str) -> CmdResult<IpAddr> {
 /// `server ?-option value ...? port` (see [`SERVER_USAGE`]) — `args` are the words after
 /// `server`.
 pub fn parse_server(args: &[&str]) -> CmdResult<ServerConfig> {
-    const OPTIONS: [&str; 15] = [
-        "-agent", "-backlog", "-delimiter", "-fd", "-headertimeout", "-headsize", "-idletimeout", "-maxparked",
-        "-maxworkers", "-myaddr", "-proxy", "-proxyfrom", "-queue", "-systemd", "-wait",
+    const OPTIONS: [&str; 19] = [
+        "-agent", "-allowgroups", "-allowusers", "-backlog", "-delimiter", "-fd", "-headertimeout", "-headsize",
+        "-idletimeout", "-maxparked", "-maxworkers", "-myaddr", "-path", "-pathmode", "-proxy", "-proxyfrom",
+        "-queue", "-systemd", "-wait",
     ];
     /// The options that adopt an inherited socket, with which the port may be left out.
     const ADOPTING: [&str; 2] = ["-fd", "-systemd"];
@@ -187,6 +188,8 @@ pub fn parse_server(args: &[&str]) -> CmdResult<ServerConfig> {
         given.push(option);
         match option {
             "-agent" => config.agent = Some(parse_port(value)?),
+            "-allowgroups" => config.permitted.gids = parse_ids(value, crate::named::resolve_group, "GROUP")?,
+            "-allowusers" => config.permitted.uids = parse_ids(value, crate::named::resolve_user, "USER")?,
             "-backlog" => config.backlog = parse_count(value)?,
             "-delimiter" => config.delimiter = parse_delimiter(value)?,
             "-fd" => config.fd = Some(parse_decimal(value, "file descriptor number", "NUMBER")?),
@@ -196,6 +199,8 @@ pub fn parse_server(args: &[&str]) -> CmdResult<ServerConfig> {
             "-maxparked" => config.max_parked = Some(parse_positive(value)?),
             "-maxworkers" => config.max_workers = Some(parse_positive(value)?),
             "-myaddr" => host = Some(value),
+            "-path" => config.path = Some(parse_path(value)?),
+            "-pathmode" => config.path_mode = parse_mode(value)?,
             "-proxy" => config.proxy = Accept::from_index(lookup(value, &Accept::NAMES, "proxy mode")?).expect("a name's index"),
             "-proxyfrom" => config.proxy_from = parse_cidrs(value)?,
             "-queue" => config.queue_limit = parse_count(value)? as usize,
@@ -226,17 +231,74 @@ pub fn parse_server(args: &[&str]) -> CmdResult<ServerConfig> {
     Ok(config)
 }
 
-/// `client ?-port port? handler` — returns the port, if given, and the handler word's index.
-pub fn parse_client(args: &[&str]) -> CmdResult<(Option<u16>, usize)> {
-    match args {
-        ["-port"] => Err(CmdError::WrongArgs { words: 2, usage: CLIENT_USAGE }),
-        [_handler] => Ok((None, 0)),
-        [option, port, _handler] if option.starts_with('-') => {
-            lookup(option, &["-port"], "option")?;
-            Ok((Some(parse_port(port)?), 2))
-        }
-        _ => Err(CmdError::WrongArgs { words: 2, usage: CLIENT_USAGE }),
+/// The server a `client` registers with.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub enum ClientTarget {
+    /// The first server this interp created.
+    Default,
+    /// `-port`: a server this process serves or inherited.
+    Port(u16),
+    /// `-path`: a server's named registration socket.
+    Path(std::path::PathBuf),
+}
+
+/// `client ?-port port | -path path? ?-onclose command? handler` (see [`CLIENT_USAGE`]).
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct ClientArgs {
+    pub target: ClientTarget,
+    /// The index of `-onclose`'s value among the words, if given.
+    pub on_close_at: Option<usize>,
+    /// The index of the handler among the words.
+    pub handler_at: usize,
+}
+
+pub fn parse_client(args: &[&str]) -> CmdResult<ClientArgs> {
+    const OPTIONS: [&str; 3] = ["-onclose", "-path", "-port"];
+    let wrong = || CmdError::WrongArgs { words: 2, usage: CLIENT_USAGE };
+    let Some((handler, options)) = args.split_last() else { return Err(wrong()) };
+    if options.len() % 2 != 0 || (options.is_empty() && OPTIONS.contains(handler)) {
+        return Err(wrong());
     }
+    let mut parsed = ClientArgs { target: ClientTarget::Default, on_close_at: None, handler_at: options.len() };
+    for (k, pair) in options.chunks_exact(2).enumerate() {
+        let target = match OPTIONS[lookup(pair[0], &OPTIONS, "option")?] {
+            "-onclose" => {
+                parsed.on_close_at = Some(2 * k + 1);
+                continue;
+            }
+            "-path" => ClientTarget::Path(parse_path(pair[1])?),
+            _ => ClientTarget::Port(parse_port(pair[1])?),
+        };
+        if parsed.target != ClientTarget::Default {
+            return Err(CmdError::new("\"-port\" and \"-path\" cannot be used together", &["SOCKETSERVER", "CLIENT", "CONFLICT"]));
+        }
+        parsed.target = target;
+    }
+    Ok(parsed)
+}
+
+/// A named socket's path: not empty.
+fn parse_path(word: &str) -> CmdResult<std::path::PathBuf> {
+    if word.is_empty() {
+        return Err(CmdError::new("expected a path but got \"\"", &["TCL", "VALUE", "PATH"]));
+    }
+    Ok(word.into())
+}
+
+/// A file mode in octal, as `file attributes -permissions` takes one (0600, 600 or 0o600).
+fn parse_mode(word: &str) -> CmdResult<u32> {
+    let digits = word.strip_prefix("0o").unwrap_or(word);
+    match u32::from_str_radix(digits, 8) {
+        Ok(mode) if mode <= 0o7777 && !digits.is_empty() && digits.bytes().all(|b| b.is_ascii_digit()) => Ok(mode),
+        _ => Err(CmdError::new(format!("expected octal file mode but got \"{word}\""), &["TCL", "VALUE", "NUMBER"])),
+    }
+}
+
+/// A list of users or groups, each a name or a number.
+fn parse_ids(word: &str, resolve: fn(&str) -> Result<u32, String>, what: &str) -> CmdResult<Vec<u32>> {
+    word.split_ascii_whitespace()
+        .map(|id| resolve(id).map_err(|why| CmdError::new(why, &["SOCKETSERVER", what, id])))
+        .collect()
 }
 
 /// `close port`.
@@ -432,7 +494,7 @@ mod tests {
     fn server_reports_bad_arguments_in_tcl_style() {
         assert_eq!(parse_server(&[]), Err(CmdError::WrongArgs { words: 2, usage: SERVER_USAGE }));
         assert_eq!(parse_server(&["1", "2"]), Err(CmdError::WrongArgs { words: 2, usage: SERVER_USAGE }));
-        let all = "-agent, -backlog, -delimiter, -fd, -headertimeout, -headsize, -idletimeout, -maxparked, -maxworkers, -myaddr, -proxy, -proxyfrom, -queue, -systemd, or -wait";
+        let all = "-agent, -allowgroups, -allowusers, -backlog, -delimiter, -fd, -headertimeout, -headsize, -idletimeout, -maxparked, -maxworkers, -myaddr, -path, -pathmode, -proxy, -proxyfrom, -queue, -systemd, or -wait";
         assert_eq!(text(parse_server(&["-x", "1", "80"]).unwrap_err()), format!("bad option \"-x\": must be {all}"));
         assert_eq!(text(parse_server(&["-m", "1", "80"]).unwrap_err()), format!("ambiguous option \"-m\": must be {all}"));
         assert_eq!(text(parse_server(&["-maxworkers", "-1", "80"]).unwrap_err()), "expected positive integer but got \"-1\"");
@@ -475,14 +537,44 @@ mod tests {
     }
 
     #[test]
-    fn client_takes_an_optional_port_and_a_handler() {
-        assert_eq!(parse_client(&["h"]), Ok((None, 0)));
-        assert_eq!(parse_client(&["-port", "80", "h"]), Ok((Some(80), 2)));
-        assert_eq!(parse_client(&["-p", "80", "h"]), Ok((Some(80), 2)));
-        assert_eq!(text(parse_client(&["-x", "80", "h"]).unwrap_err()), "bad option \"-x\": must be -port");
-        assert_eq!(parse_client(&[]), Err(CmdError::WrongArgs { words: 2, usage: CLIENT_USAGE }));
-        assert_eq!(parse_client(&["-port"]), Err(CmdError::WrongArgs { words: 2, usage: CLIENT_USAGE }));
-        assert_eq!(parse_client(&["a", "b"]), Err(CmdError::WrongArgs { words: 2, usage: CLIENT_USAGE }));
+    fn client_takes_a_port_or_a_path_an_onclose_command_and_a_handler() {
+        let client = |target, on_close_at, handler_at| Ok(ClientArgs { target, on_close_at, handler_at });
+        assert_eq!(parse_client(&["h"]), client(ClientTarget::Default, None, 0));
+        assert_eq!(parse_client(&["-port", "80", "h"]), client(ClientTarget::Port(80), None, 2));
+        assert_eq!(parse_client(&["-po", "80", "h"]), client(ClientTarget::Port(80), None, 2));
+        assert_eq!(parse_client(&["-pa", "/s", "h"]), client(ClientTarget::Path("/s".into()), None, 2));
+        assert_eq!(
+            parse_client(&["-onclose", "exit", "-path", "/s", "h"]),
+            client(ClientTarget::Path("/s".into()), Some(1), 4)
+        );
+        assert_eq!(text(parse_client(&["-x", "80", "h"]).unwrap_err()), "bad option \"-x\": must be -onclose, -path, or -port");
+        assert_eq!(text(parse_client(&["-p", "80", "h"]).unwrap_err()), "ambiguous option \"-p\": must be -onclose, -path, or -port");
+        assert_eq!(
+            text(parse_client(&["-port", "80", "-path", "/s", "h"]).unwrap_err()),
+            "\"-port\" and \"-path\" cannot be used together"
+        );
+        assert_eq!(text(parse_client(&["-path", "", "h"]).unwrap_err()), "expected a path but got \"\"");
+        for wrong in [&[][..], &["-port"], &["a", "b"], &["-port", "80"]] {
+            assert_eq!(parse_client(wrong), Err(CmdError::WrongArgs { words: 2, usage: CLIENT_USAGE }));
+        }
+    }
+
+    #[test]
+    fn server_path_options_take_a_mode_in_octal_and_users_and_groups_by_name_or_number() {
+        let config = parse_server(&["-path", "/run/app.sock", "-pathmode", "0660", "-allowusers", "root 4711", "-allowg", "0", "80"]).unwrap();
+        assert_eq!(config.path, Some("/run/app.sock".into()));
+        assert_eq!(config.path_mode, 0o660);
+        assert_eq!(config.permitted.uids, [0, 4711]);
+        assert_eq!(config.permitted.gids, [0]);
+        assert_eq!(parse_server(&["80"]).unwrap().path_mode, 0o600);
+        for (mode, bits) in [("600", 0o600), ("0o755", 0o755), ("0", 0)] {
+            assert_eq!(parse_mode(mode), Ok(bits));
+        }
+        for bad in ["", "0o", "0800", "rw", "17777", "-1", "+600"] {
+            assert_eq!(text(parse_mode(bad).unwrap_err()), format!("expected octal file mode but got \"{bad}\""));
+        }
+        assert_eq!(text(parse_server(&["-allowusers", "no-such-user-here", "80"]).unwrap_err()), "unknown user \"no-such-user-here\"");
+        assert_eq!(text(parse_server(&["-allowgroups", "no-such-group-here", "80"]).unwrap_err()), "unknown group \"no-such-group-here\"");
     }
 
     #[test]

@@ -7,7 +7,7 @@
 //! anything else happens, so that the child registers as a worker of its own.
 
 use crate::activation::{self, Passed};
-use crate::args::{self, CmdError, CmdResult};
+use crate::args::{self, ClientTarget, CmdError, CmdResult};
 use crate::dispatcher::{Server, FDS_PER_WORKER};
 use crate::fdpass::Unfit;
 use crate::ffi::{self, Obj};
@@ -38,7 +38,11 @@ pub type StateCell = RefCell<InterpState>;
 /// This interp's worker registration for one port.
 struct Slot {
     link: WorkerLink,
+    /// The named socket it registered through (`client -path`); None: the inherited one.
+    path: Option<std::path::PathBuf>,
     handler: Option<Obj>,
+    /// `client -onclose`: called once the server has closed.
+    on_close: Option<Obj>,
     /// After a connection was dropped for lack of fds: the timer that arms again once there
     /// is a free fd.
     retry: Option<crate::tcl_stubs::Tcl_TimerToken>,
@@ -64,8 +68,11 @@ impl InterpState {
         self.servers.iter().find(|(p, _)| *p == port).map(|(_, s)| s)
     }
 
+    /// The first server this interp created; else, in a worker registered by path only, the
+    /// port of its first registration.
     fn default_port(&self) -> CmdResult<u16> {
-        self.servers.first().map(|(port, _)| *port).ok_or_else(|| {
+        let first_slot = || self.slots.iter().filter(|(_, slot)| slot.path.is_some()).map(|(port, _)| *port).min();
+        self.servers.first().map(|(port, _)| *port).or_else(first_slot).ok_or_else(|| {
             CmdError::new(
                 "no socketserver in this interp: call \"::socketserver::socket server\" first",
                 &["SOCKETSERVER", "NOSERVER"],
@@ -132,8 +139,9 @@ pub fn socket_command(cell: &StateCell, objv: &[Obj], words: &[String]) -> CmdRe
     state.forget_inherited_links();
     match SUBCOMMANDS[sub] {
         "client" => {
-            let (port, handler_at) = args::parse_client(&rest)?;
-            client(cell, &mut state, port, objv[2 + handler_at].clone())
+            let parsed = args::parse_client(&rest)?;
+            let on_close = parsed.on_close_at.map(|at| objv[2 + at].clone());
+            client(cell, &mut state, parsed.target, objv[2 + parsed.handler_at].clone(), on_close)
         }
         "close" => {
             let port = args::parse_close(&rest)?;
@@ -226,49 +234,104 @@ fn listening_address(fd: std::os::fd::RawFd, name: Option<&str>) -> CmdResult<st
     }
 }
 
-fn client(cell: &StateCell, state: &mut InterpState, port: Option<u16>, handler: Obj) -> CmdResult<Obj> {
-    let port = match port {
-        Some(port) => port,
-        None => state.default_port()?,
+fn client(
+    cell: &StateCell,
+    state: &mut InterpState,
+    target: ClientTarget,
+    handler: Obj,
+    on_close: Option<Obj>,
+) -> CmdResult<Obj> {
+    for prefix in [Some(&handler), on_close.as_ref()].into_iter().flatten() {
+        if !prefix.is_list(state.interp) {
+            return Err(CmdError::new(
+                format!("handler is not a valid command prefix: \"{}\"", prefix.to_string_lossy()),
+                &["SOCKETSERVER", "HANDLER"],
+            ));
+        }
+    }
+    let port = match target {
+        ClientTarget::Path(path) => register_at(cell, state, path)?,
+        ClientTarget::Port(port) => register_inherited(cell, state, port)?,
+        ClientTarget::Default => register_inherited(cell, state, state.default_port()?)?,
     };
-    if !handler.is_list(state.interp) {
-        return Err(CmdError::new(
-            format!("handler is not a valid command prefix: \"{}\"", handler.to_string_lossy()),
-            &["SOCKETSERVER", "HANDLER"],
-        ));
-    }
-    let Some(server) = state.server(port) else { return Err(CmdError::no_server(port)) };
-    if !state.slots.contains_key(&port) {
-        let link = match WorkerLink::register(server.registration.as_fd()) {
-            Ok(link) => link,
-            Err(RegisterError::Refused(why)) => return Err(refused(port, why)),
-            Err(RegisterError::Io(err)) => {
-                // The dispatcher is gone (closed in the parent): forget the server here too.
-                state.servers.retain(|(p, _)| *p != port);
-                return Err(posix(&format!("socketserver on port {port} is closed"), err));
-            }
-        };
-        let target = Box::new(HandlerTarget { interp: state.interp, state: cell, port });
-        // The mailbox is watched for as long as the slot lives, armed or not: the dispatcher
-        // sends nothing unasked, so an unarmed mailbox wakes us only when the server closes, and
-        // no connection pays for changing the notifier's set of fds.
-        let data = &*target as *const HandlerTarget as ClientData;
-        // SAFETY: the target lives in the slot, whose removal deletes this handler first.
-        unsafe { ffi::create_file_handler(link.as_raw_fd(), on_readable, data) };
-        state.slots.insert(port, Slot { link, handler: None, retry: None, received: 0, wakeups: 0, _target: target });
-    }
-    let slot = state.slots.get_mut(&port).expect("inserted above");
+    let slot = state.slots.get_mut(&port).expect("registered above");
+    let server = slot.server_name(port);
     if let Err(err) = slot.link.arm() {
         state.remove_slot(port);
-        return Err(posix(&format!("socketserver on port {port} is closed"), err));
+        return Err(posix(&format!("{server} is closed"), err));
     }
     slot.handler = Some(handler);
+    if on_close.is_some() {
+        slot.on_close = on_close;
+    }
     Ok(Obj::string(""))
 }
 
-/// The error of a worker the dispatcher refused.
-fn refused(port: u16, why: Refusal) -> CmdError {
-    let prefix = format!("socketserver on port {port} refused this worker");
+/// Registers (once) as a worker of the server on `port` that this process serves or inherited;
+/// the port.
+fn register_inherited(cell: &StateCell, state: &mut InterpState, port: u16) -> CmdResult<u16> {
+    if state.slots.contains_key(&port) {
+        return Ok(port);
+    }
+    let Some(server) = state.server(port) else { return Err(CmdError::no_server(port)) };
+    let link = match WorkerLink::register(server.registration.as_fd()) {
+        Ok(link) => link,
+        Err(RegisterError::Refused(why)) => return Err(refused(&format!("socketserver on port {port}"), why)),
+        Err(RegisterError::Io(err)) => {
+            // The dispatcher is gone (closed in the parent): forget the server here too.
+            state.servers.retain(|(p, _)| *p != port);
+            return Err(posix(&format!("socketserver on port {port} is closed"), err));
+        }
+    };
+    add_slot(cell, state, port, link, None);
+    Ok(port)
+}
+
+/// Registers (once) as a worker of the server whose named registration socket is `path`; the
+/// port it serves.
+fn register_at(cell: &StateCell, state: &mut InterpState, path: std::path::PathBuf) -> CmdResult<u16> {
+    if let Some((&port, _)) = state.slots.iter().find(|(_, slot)| slot.path.as_ref() == Some(&path)) {
+        return Ok(port);
+    }
+    let server = format!("socketserver at {}", path.display());
+    let link = match WorkerLink::register_at(&path) {
+        Ok(link) => link,
+        Err(RegisterError::Refused(why)) => return Err(refused(&server, why)),
+        Err(RegisterError::Io(err)) => return Err(posix(&format!("couldn't register with {server}"), err)),
+    };
+    let port = link.port;
+    // Already a worker of that server by another route: keep that registration.
+    if !state.slots.contains_key(&port) {
+        add_slot(cell, state, port, link, Some(path));
+    }
+    Ok(port)
+}
+
+fn add_slot(cell: &StateCell, state: &mut InterpState, port: u16, link: WorkerLink, path: Option<std::path::PathBuf>) {
+    let target = Box::new(HandlerTarget { interp: state.interp, state: cell, port });
+    // The mailbox is watched for as long as the slot lives, armed or not: the dispatcher
+    // sends nothing unasked, so an unarmed mailbox wakes us only when the server closes, and
+    // no connection pays for changing the notifier's set of fds.
+    let data = &*target as *const HandlerTarget as ClientData;
+    // SAFETY: the target lives in the slot, whose removal deletes this handler first.
+    unsafe { ffi::create_file_handler(link.as_raw_fd(), on_readable, data) };
+    let slot = Slot { link, path, handler: None, on_close: None, retry: None, received: 0, wakeups: 0, _target: target };
+    state.slots.insert(port, slot);
+}
+
+impl Slot {
+    /// How errors name the server: by port, or by path for a registration by path.
+    fn server_name(&self, port: u16) -> String {
+        match &self.path {
+            Some(path) => format!("socketserver at {}", path.display()),
+            None => format!("socketserver on port {port}"),
+        }
+    }
+}
+
+/// The error of a worker the dispatcher refused (`server`: how to name it).
+fn refused(server: &str, why: Refusal) -> CmdError {
+    let prefix = format!("{server} refused this worker");
     match why {
         Refusal::WorkerLimit(limit) => CmdError::new(
             format!("{prefix}: it already has {limit} workers (-maxworkers)"),
@@ -279,6 +342,14 @@ fn refused(port: u16, why: Refusal) -> CmdError {
             io::Error::from_raw_os_error(libc::EMFILE),
         ),
         Refusal::Invalid => CmdError::new(format!("{prefix}: invalid registration"), &["SOCKETSERVER", "REFUSED"]),
+        Refusal::Version(spoken) => CmdError::new(
+            format!("{prefix}: it speaks protocol version {spoken}, this worker {}", crate::wire::VERSION),
+            &["SOCKETSERVER", "VERSION", &spoken.to_string()],
+        ),
+        Refusal::NotPermitted => posix(
+            &format!("{prefix}: this user and group may not register (-allowusers, -allowgroups)"),
+            io::Error::from_raw_os_error(libc::EACCES),
+        ),
     }
 }
 
@@ -376,16 +447,26 @@ pub fn info_command(cell: &StateCell, words: &[String]) -> CmdResult<Obj> {
         Some(port) => port,
         None => state.default_port()?,
     };
-    let server = state.server(port).ok_or_else(|| CmdError::no_server(port))?;
+    let server = state.server(port);
     let slot = state.slots.get(&port);
+    if server.is_none() && slot.is_none_or(|slot| slot.path.is_none()) {
+        return Err(CmdError::no_server(port));
+    }
+    let owner = server.filter(|server| server.is_owner());
+    let path = match (owner, slot) {
+        (Some(server), _) => server.config.path.clone(),
+        (None, Some(slot)) => slot.path.clone(),
+        (None, None) => None,
+    };
     let mut dict: Vec<(&str, Obj)> = vec![
         ("port", Obj::int(port.into())),
-        ("role", Obj::string(if server.is_owner() { "server" } else { "worker" })),
+        ("role", Obj::string(if owner.is_some() { "server" } else { "worker" })),
+        ("path", Obj::string(&path.map_or_else(String::new, |p| p.display().to_string()))),
         ("received", Obj::int(slot.map_or(0, |s| s.received) as i64)),
         ("wakeups", Obj::int(slot.map_or(0, |s| s.wakeups) as i64)),
         ("armed", Obj::int(slot.is_some_and(|s| s.link.is_armed()).into())),
     ];
-    if server.is_owner() {
+    if let Some(server) = owner {
         let snap = server.snapshot().map_err(|e| posix(&format!("socketserver on port {port}"), e))?;
         dict.extend([
             ("address", Obj::string(&server.address.ip().to_string())),
@@ -410,6 +491,7 @@ pub fn info_command(cell: &StateCell, words: &[String]) -> CmdResult<Obj> {
             ("proxyrejected", Obj::int(snap.park.proxy_rejected as i64)),
             ("maxworkers", Obj::int(snap.max_workers.into())),
             ("refused", Obj::int(snap.refused as i64)),
+            ("denied", Obj::int(snap.denied as i64)),
             ("dropped", Obj::int(snap.dropped as i64)),
             ("accepted", Obj::int(snap.accepted as i64)),
             ("delivered", Obj::int(snap.delivered as i64)),
@@ -468,8 +550,16 @@ fn deliver(cell: &StateCell, port: u16) {
                 }
                 return;
             }
-            // The server has closed: armed workers are simply never called.
-            _ => return state.remove_slot(port),
+            // The server has closed: armed workers are simply never called; -onclose is.
+            _ => {
+                let on_close = slot.on_close.take();
+                state.remove_slot(port);
+                drop(state);
+                if let Some(on_close) = on_close.filter(|_| !ffi::interp_deleted(interp)) {
+                    ffi::call_in_background(interp, &on_close, &[]);
+                }
+                return;
+            }
         }
     };
     // No borrow is held from here on: the handler may call any of our commands.

@@ -11,6 +11,7 @@ mod dispatcher;
 mod fdpass;
 mod ffi;
 mod fork_safety;
+mod named;
 mod notifier;
 mod process;
 mod proxy;

@@ -1,25 +1,29 @@
 //! The wire between the dispatcher and its workers: the messages, as pure encode and decode
-//! functions. Sockets and fds are `fdpass`'s; here are only bytes, so that a worker written in
-//! another language can follow this description.
+//! functions. Sockets and fds are `fdpass`'s; here are only bytes. This is the public protocol
+//! that workers in other languages speak: `doc/protocol.md` describes it for them, and this table
+//! is its summary. The version is [`VERSION`]; a registration says which version it speaks.
 //!
 //! Every message is one SOCK_SEQPACKET datagram (boundaries hold), starting with a tag byte.
-//! Integers are little-endian unless said otherwise. A worker has two private socketpairs with
-//! the dispatcher: its **link** (it says READY there, the dispatcher answers its registration
-//! there, and its closing says the worker is gone) and its **mailbox** (connections arrive
-//! there, one at a time).
+//! Integers are little-endian; ports are big-endian (network order). A worker has two private
+//! socketpairs with the dispatcher: its **link** (it says READY there, the dispatcher answers its
+//! registration there, and its closing says the worker is gone) and its **mailbox** (connections
+//! arrive there, one at a time). The registration socket is the one a forked child inherits, or a
+//! connection to the server's `-path`.
 //!
 //! | direction | socket | bytes | fds |
 //! |---|---|---|---|
-//! | worker → dispatcher | registration (shared) | `W` pid:i32 (5): the pid of the process that made the link (checked with SO_PEERCRED) | link, mailbox (dispatcher's ends), the worker's own mailbox end |
+//! | worker → dispatcher | registration | `W` version:u8 pid:i32 (6): the pid of the process that made the link (checked with SO_PEERCRED) | link, mailbox (dispatcher's ends), the worker's own mailbox end |
 //! | dispatcher → worker | mailbox | `C` nonce:u64 (9): checks that the third fd is the mailbox's peer; the worker never sees it | none |
-//! | dispatcher → worker | link | `A` (1): registered | none |
-//! | dispatcher → worker | link | `N` reason:u8 limit:u32 (6): refused; reason 1 = worker limit (`limit` workers), 2 = serving process out of fds, 3 = invalid registration | none |
+//! | dispatcher → worker | link | `A` version:u8 port:u16 (4): registered, with the version the dispatcher speaks and the TCP port it serves | none |
+//! | dispatcher → worker | link | `N` reason:u8 value:u32 (6): refused; reason 1 = worker limit (value: the limit), 2 = serving process out of fds, 3 = invalid registration, 4 = unsupported version (value: the version spoken), 5 = not permitted (uid/gid) | none |
 //! | worker → dispatcher | link | `R` asked:u64 (9): ready for one connection, asked at CLOCK_MONOTONIC ns | none |
-//! | dispatcher → worker | mailbox | family:u8 (4 or 6) port:u16 **big-endian** address (4 or 16 bytes) (7 or 19) | the connection |
+//! | dispatcher → worker | mailbox | family:u8 (4 or 6) port:u16 address (4 or 16 bytes) (7 or 19) | the connection |
 //! | worker → dispatcher | mailbox (the worker's end) | `P` then a peer as above (8 or 20): hand-back of a connection the worker is done with for now, to be parked until the client sends more | the connection |
 //!
 //! Anything else (another tag, another length, fds where none belong) is malformed: the
-//! dispatcher drops the worker that sent it, or the registration it came with.
+//! dispatcher drops the worker that sent it, or the registration it came with. A registration of
+//! another version is answered with refusal 4, so that a later version can be told apart and
+//! refused cleanly.
 
 use std::net::{IpAddr, Ipv4Addr, Ipv6Addr, SocketAddr, SocketAddrV4};
 
@@ -30,20 +34,30 @@ const REFUSED: u8 = b'N';
 const READY: u8 = b'R';
 const HANDBACK: u8 = b'P';
 
+/// The protocol version this dispatcher and its Tcl workers speak.
+pub const VERSION: u8 = 1;
+
 /// Longest message: a hand-back with an IPv6 peer (1 + 1 + 2 + 16).
 pub const MAX_MESSAGE: usize = 20;
 
 /// What a peer address that cannot be read is reported as: 0.0.0.0 port 0.
 pub const UNKNOWN_PEER: SocketAddr = SocketAddr::V4(SocketAddrV4::new(Ipv4Addr::UNSPECIFIED, 0));
 
-pub fn encode_registration(pid: i32) -> [u8; 5] {
-    let p = pid.to_le_bytes();
-    [REGISTER, p[0], p[1], p[2], p[3]]
+/// A registration: the protocol version the worker speaks, and its pid.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct Registration {
+    pub version: u8,
+    pub pid: i32,
 }
 
-pub fn decode_registration(bytes: &[u8]) -> Option<i32> {
+pub fn encode_registration(registration: Registration) -> [u8; 6] {
+    let p = registration.pid.to_le_bytes();
+    [REGISTER, registration.version, p[0], p[1], p[2], p[3]]
+}
+
+pub fn decode_registration(bytes: &[u8]) -> Option<Registration> {
     match bytes {
-        [REGISTER, a, b, c, d] => Some(i32::from_le_bytes([*a, *b, *c, *d])),
+        [REGISTER, version, a, b, c, d] => Some(Registration { version: *version, pid: i32::from_le_bytes([*a, *b, *c, *d]) }),
         _ => None,
     }
 }
@@ -90,35 +104,50 @@ pub enum Refusal {
     OutOfFds,
     /// The registration's fds were not what they must be.
     Invalid,
+    /// The registration spoke another version; the dispatcher speaks this one.
+    Version(u8),
+    /// The registering process's uid and gid are not allowed (`-allowusers`, `-allowgroups`).
+    NotPermitted,
 }
 
 /// The dispatcher's answer to a registration.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
 pub enum Answer {
-    Accepted,
+    /// Registered: the version the dispatcher speaks, and the TCP port it serves.
+    Accepted { version: u8, port: u16 },
     Refused(Refusal),
 }
 
 pub fn encode_answer(answer: Answer) -> ([u8; 6], usize) {
-    let (reason, limit) = match answer {
-        Answer::Accepted => return ([ACCEPTED, 0, 0, 0, 0, 0], 1),
+    let (reason, value) = match answer {
+        Answer::Accepted { version, port } => {
+            let p = port.to_be_bytes();
+            return ([ACCEPTED, version, p[0], p[1], 0, 0], 4);
+        }
         Answer::Refused(Refusal::WorkerLimit(limit)) => (1, limit),
         Answer::Refused(Refusal::OutOfFds) => (2, 0),
         Answer::Refused(Refusal::Invalid) => (3, 0),
+        Answer::Refused(Refusal::Version(spoken)) => (4, u32::from(spoken)),
+        Answer::Refused(Refusal::NotPermitted) => (5, 0),
     };
-    let l = limit.to_le_bytes();
-    ([REFUSED, reason, l[0], l[1], l[2], l[3]], 6)
+    let v = value.to_le_bytes();
+    ([REFUSED, reason, v[0], v[1], v[2], v[3]], 6)
 }
 
 pub fn decode_answer(bytes: &[u8]) -> Option<Answer> {
     match bytes {
-        [ACCEPTED] => Some(Answer::Accepted),
-        [REFUSED, reason, a, b, c, d] => Some(Answer::Refused(match reason {
-            1 => Refusal::WorkerLimit(u32::from_le_bytes([*a, *b, *c, *d])),
-            2 => Refusal::OutOfFds,
-            3 => Refusal::Invalid,
-            _ => return None,
-        })),
+        [ACCEPTED, version, p0, p1] => Some(Answer::Accepted { version: *version, port: u16::from_be_bytes([*p0, *p1]) }),
+        [REFUSED, reason, a, b, c, d] => {
+            let value = u32::from_le_bytes([*a, *b, *c, *d]);
+            Some(Answer::Refused(match (reason, value) {
+                (1, limit) => Refusal::WorkerLimit(limit),
+                (2, 0) => Refusal::OutOfFds,
+                (3, 0) => Refusal::Invalid,
+                (4, spoken) => Refusal::Version(u8::try_from(spoken).ok()?),
+                (5, 0) => Refusal::NotPermitted,
+                _ => return None,
+            }))
+        }
         _ => None,
     }
 }
@@ -202,14 +231,17 @@ pub(crate) mod tests {
             assert_eq!(decode_handback(&buf[..len]), Some(peer));
             assert_eq!(decode_peer(&buf[..len]), None, "a hand-back is not a delivery");
         }
-        assert_eq!(decode_registration(&encode_registration(-7)), Some(-7));
+        let registration = Registration { version: VERSION, pid: -7 };
+        assert_eq!(decode_registration(&encode_registration(registration)), Some(registration));
         assert_eq!(decode_ready(&encode_ready(u64::MAX)), Some(u64::MAX));
         assert_eq!(decode_check(&encode_check(42)), Some(42));
         for answer in [
-            Answer::Accepted,
+            Answer::Accepted { version: VERSION, port: 8080 },
             Answer::Refused(Refusal::WorkerLimit(500)),
             Answer::Refused(Refusal::OutOfFds),
             Answer::Refused(Refusal::Invalid),
+            Answer::Refused(Refusal::Version(1)),
+            Answer::Refused(Refusal::NotPermitted),
         ] {
             let (bytes, len) = encode_answer(answer);
             assert_eq!(decode_answer(&bytes[..len]), Some(answer));
@@ -219,7 +251,7 @@ pub(crate) mod tests {
     #[test]
     fn truncated_oversized_and_mistagged_messages_are_refused() {
         let ready = encode_ready(1);
-        let registration = encode_registration(1);
+        let registration = encode_registration(Registration { version: VERSION, pid: 1 });
         let check = encode_check(1);
         let (refused, _) = encode_answer(Answer::Refused(Refusal::OutOfFds));
         assert_eq!(decode_ready(&ready[..8]), None);
@@ -231,6 +263,9 @@ pub(crate) mod tests {
         assert_eq!(decode_answer(&refused[..5]), None);
         assert_eq!(decode_answer(&[b'N', 9, 0, 0, 0, 0]), None, "an unknown reason");
         assert_eq!(decode_answer(&[b'A', 0]), None);
+        assert_eq!(decode_answer(&[b'A', 1, 0, 80, 0]), None, "an oversized acceptance");
+        assert_eq!(decode_answer(&[b'N', 2, 1, 0, 0, 0]), None, "a value where none belongs");
+        assert_eq!(decode_answer(&[b'N', 4, 0, 1, 0, 0]), None, "a version beyond a byte");
         assert_eq!(decode_peer(&[4, 0]), None);
         assert_eq!(decode_peer(&[4, 0, 1, 2, 3, 4]), None);
         assert_eq!(decode_peer(&[6, 0, 1, 2, 3, 4, 5, 6]), None);
@@ -248,8 +283,8 @@ pub(crate) mod tests {
         let mut rng = Prng(0x5eed);
         for _ in 0..20_000 {
             let bytes = rng.bytes(24);
-            if let Some(pid) = decode_registration(&bytes) {
-                assert_eq!(encode_registration(pid)[..], bytes[..]);
+            if let Some(registration) = decode_registration(&bytes) {
+                assert_eq!(encode_registration(registration)[..], bytes[..]);
             }
             if let Some(at) = decode_ready(&bytes) {
                 assert_eq!(encode_ready(at)[..], bytes[..]);

@@ -46,15 +46,25 @@ pub struct WorkerLink {
     mailbox: OwnedFd,
     armed: bool,
     generation: u64,
+    /// The TCP port the dispatcher serves (its answer says).
+    pub port: u16,
 }
 
 impl WorkerLink {
+    /// Registers through the named registration socket at `path` (`server -path`): connects,
+    /// registers on the connection, and closes it once answered.
+    pub fn register_at(path: &std::path::Path) -> Result<WorkerLink, RegisterError> {
+        let conn = crate::named::connect(path, REGISTER_TIMEOUT)?;
+        WorkerLink::register(conn.as_fd())
+    }
+
     /// Creates the link and the mailbox, hands the dispatcher its ends (and a reference to our
     /// end of the mailbox) with our pid, and waits for its answer.
     pub fn register(registration: BorrowedFd) -> Result<WorkerLink, RegisterError> {
         let (link, dispatcher_link) = fdpass::seqpacket_pair()?;
         let (mailbox, dispatcher_mailbox) = fdpass::seqpacket_pair()?;
-        let message = wire::encode_registration(std::process::id() as i32);
+        let message =
+            wire::encode_registration(wire::Registration { version: wire::VERSION, pid: std::process::id() as i32 });
         let fds = [dispatcher_link.as_fd(), dispatcher_mailbox.as_fd(), mailbox.as_fd()];
         let deadline = Instant::now() + REGISTER_TIMEOUT;
         // The registration socket's queue is short (net.unix.max_dgram_qlen, 10 by default):
@@ -63,11 +73,11 @@ impl WorkerLink {
         // Our copies of the dispatcher's ends must go, or its closing them would not show here.
         drop((dispatcher_link, dispatcher_mailbox));
         let mut buf = [0u8; MAX_MESSAGE];
-        loop {
+        let port = loop {
             fdpass::wait_readable(link.as_fd(), deadline.saturating_duration_since(Instant::now()))?;
             match fdpass::recv_with_fds(link.as_fd(), &mut buf) {
                 Ok(Received::Message(len, _)) => match wire::decode_answer(&buf[..len]) {
-                    Some(Answer::Accepted) => break,
+                    Some(Answer::Accepted { port, .. }) => break port,
                     Some(Answer::Refused(why)) => return Err(RegisterError::Refused(why)),
                     None => return Err(io::Error::new(io::ErrorKind::InvalidData, "malformed answer").into()),
                 },
@@ -75,8 +85,8 @@ impl WorkerLink {
                 Ok(Received::Closed) => return Err(io::Error::from_raw_os_error(libc::ECONNRESET).into()),
                 Err(err) => return Err(err.into()),
             }
-        }
-        Ok(WorkerLink { link, mailbox, armed: false, generation: crate::fork_safety::generation() })
+        };
+        Ok(WorkerLink { link, mailbox, armed: false, generation: crate::fork_safety::generation(), port })
     }
 
     /// True in a forked child of the process that registered: the dispatcher knows the parent.
@@ -182,7 +192,7 @@ mod tests {
     fn registered() -> (WorkerLink, OwnedFd) {
         let (link, _dispatcher_link) = fdpass::seqpacket_pair().unwrap();
         let (mailbox, dispatcher_mailbox) = fdpass::seqpacket_pair().unwrap();
-        let worker = WorkerLink { link, mailbox, armed: false, generation: crate::fork_safety::generation() };
+        let worker = WorkerLink { link, mailbox, armed: false, generation: crate::fork_safety::generation(), port: 1 };
         (worker, dispatcher_mailbox)
     }
 

@@ -13,7 +13,7 @@
 //!
 //! A snapshot: accepted:u64 delivered:u64 refused:u64 dropped:u64 parked:u64 parked_total:u64
 //! handed_back:u64 closed_idle:u64 closed_header:u64 closed_peer:u64 evicted:u64 proxied:u64
-//! proxy_rejected:u64 queued:u32 ready:u32 max_workers:u32 count:u32 (120 bytes), then `count`
+//! proxy_rejected:u64 denied:u64 queued:u32 ready:u32 max_workers:u32 count:u32 (128 bytes), then `count`
 //! workers of 24 bytes each: pid:i32 state:u32 delivered:u64 busy_ms:u64, then the agent's:
 //! port:u32 draining:u32 answers:u64 drains:u64 (24 bytes). Little-endian.
 
@@ -27,6 +27,8 @@ pub struct Snapshot {
     pub delivered: u64,
     /// Registrations refused: worker limit, no fds, or not a valid registration.
     pub refused: u64,
+    /// Of those, refused because the registering process's uid and gid are not permitted.
+    pub denied: u64,
     /// Malformed messages from workers (each drops its worker) and fds read back from a dead
     /// worker's mailbox that were not a connection sent to it.
     pub dropped: u64,
@@ -73,7 +75,7 @@ impl WorkerState {
 
 const STOP: u8 = b'S';
 const SNAPSHOT: u8 = b'I';
-const HEADER_LEN: usize = 120;
+const HEADER_LEN: usize = 128;
 const COUNT_AT: usize = HEADER_LEN - 4;
 const WORKER_LEN: usize = 24;
 const AGENT_LEN: usize = 24;
@@ -139,7 +141,7 @@ impl Snapshot {
         for n in [self.accepted, self.delivered, self.refused, self.dropped, self.parked, p.parked_total]
             .into_iter()
             .chain([p.handed_back, p.closed_idle, p.closed_header, p.closed_peer, p.evicted])
-            .chain([p.proxied, p.proxy_rejected])
+            .chain([p.proxied, p.proxy_rejected, self.denied])
         {
             out.extend_from_slice(&n.to_le_bytes());
         }
@@ -201,9 +203,10 @@ impl Snapshot {
                 proxied: u64_at(88)?,
                 proxy_rejected: u64_at(96)?,
             },
-            queued: u32_at(104)?,
-            ready: u32_at(108)?,
-            max_workers: u32_at(112)?,
+            denied: u64_at(104)?,
+            queued: u32_at(112)?,
+            ready: u32_at(116)?,
+            max_workers: u32_at(120)?,
             workers,
             agent: AgentCounters {
                 port: u16::try_from(u32_at(agent_at)?).ok()?,
@@ -231,6 +234,7 @@ mod tests {
             accepted: 7,
             delivered: 5,
             refused: 2,
+            denied: 1,
             dropped: 3,
             queued: 1,
             ready: 2,

@@ -14,6 +14,9 @@
 //! parked connection (see `parked`). Its wait times out at the earliest of the accept pause and
 //! the parked connections' next deadline.
 //!
+//! With `-path`, the main set also holds the named registration socket's listener and the
+//! connections on it that have not sent their registration yet (see `pending`).
+//!
 //! With `-agent`, the main set also holds the agent port's listener: each agent connection is
 //! answered and closed at once (see `agent`), so it costs one wake-up and O(workers) to count the
 //! ready ones.
@@ -25,12 +28,13 @@
 use super::agent::Agent;
 use super::control::{self, Request, Snapshot};
 use super::parked::{Outcome, ParkPolicy, ParkedSet, Wait};
+use super::pending::NamedListener;
 use super::proxied::ProxyPolicy;
 use super::ready_queue::ReadyQueue;
 use super::workers::{self, Connection, Registry, Worker};
 use crate::fdpass::{self, Received};
 use crate::fork_safety::{CreateSection, ParentOnly, ParentOnlyFd};
-use crate::wire::{self, Answer, Refusal, MAX_MESSAGE};
+use crate::wire::{self, Answer, Refusal, Registration, MAX_MESSAGE};
 use nix::sys::epoll::{Epoll, EpollCreateFlags, EpollEvent, EpollFlags, EpollTimeout};
 use std::collections::VecDeque;
 use std::hash::{BuildHasher, RandomState};
@@ -57,6 +61,7 @@ const REGISTRAR: u64 = 1;
 const LISTENER: u64 = 2;
 const INNER: u64 = 3;
 const AGENT: u64 = 4;
+const NAMED: u64 = 5;
 
 /// The members of the epoll sets that come and go.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
@@ -67,6 +72,8 @@ pub enum Member {
     Mailbox = 1,
     /// A parked connection (index: its place in the parked set).
     Parked = 2,
+    /// A connection to the named socket that has not sent its registration (index: its place).
+    Pending = 3,
 }
 
 const INDEX_BITS: u32 = 30;
@@ -85,7 +92,7 @@ fn member_of(token: u64) -> Option<(Member, usize, u32)> {
         0 => Member::Link,
         1 => Member::Mailbox,
         2 => Member::Parked,
-        _ => return None,
+        _ => Member::Pending,
     };
     let index = (token & ((1 << INDEX_BITS) - 1)) as usize;
     (serial != 0).then_some((member, index, serial))
@@ -145,6 +152,14 @@ pub struct Dispatcher {
     /// The agent's port is not watched until then (it ran out of fds answering).
     agent_paused_until: Option<Instant>,
     watching_agent: bool,
+    /// The named registration socket (`-path`), if any, and its pause (out of fds accepting).
+    named: Option<NamedListener>,
+    named_paused_until: Option<Instant>,
+    watching_named: bool,
+    /// Registrations refused because their uid and gid are not permitted.
+    denied: u64,
+    /// The TCP port served, told to every worker that registers.
+    port: u16,
     nonces: RandomState,
     nonce_count: u64,
     /// The registration socket's two ends (see `fdpass::identity`): a worker may hand over a
@@ -167,6 +182,7 @@ impl Dispatcher {
         control: ParentOnlyFd,
         config: &super::ServerConfig,
         own_sockets: [Option<(u64, u64)>; 2],
+        named: Option<NamedListener>,
     ) -> io::Result<Dispatcher> {
         let section = CreateSection::enter();
         let epoll = EpollSet::new(&section)?;
@@ -184,6 +200,10 @@ impl Dispatcher {
         if let Some(listener) = agent.listener() {
             watch(listener, AGENT)?;
         }
+        if let Some(named) = &named {
+            watch(named.listener(), NAMED)?;
+        }
+        let port = fdpass::local_addr(listener.as_fd())?.port();
         if config.proxy != crate::proxy::Accept::None {
             super::proxied::defer_accept(listener.as_fd())?;
         }
@@ -217,6 +237,11 @@ impl Dispatcher {
             accept_paused_until: None,
             agent_paused_until: None,
             watching_agent: true,
+            named,
+            named_paused_until: None,
+            watching_named: true,
+            denied: 0,
+            port,
             nonces: RandomState::new(),
             nonce_count: 0,
             own_sockets,
@@ -253,6 +278,7 @@ impl Dispatcher {
                     LISTENER => listener_ready = true,
                     INNER => self.serve_links(),
                     AGENT => self.answer_agents(),
+                    NAMED => self.accept_named(),
                     token => match member_of(token) {
                         // Only EPOLLHUP/EPOLLERR: the worker has gone. A READY it sent last does
                         // not count (a connection sent into its mailbox would only be read back).
@@ -263,11 +289,13 @@ impl Dispatcher {
                             self.take_handbacks(slot, LINK_BATCH);
                         }
                         Some((Member::Parked, index, serial)) => self.parked_event(index, serial, event.events()),
+                        Some((Member::Pending, place, serial)) => self.pending_event(place, serial),
                         _ => {}
                     },
                 }
             }
             self.expire_parked();
+            self.expire_pending();
             self.dispatch();
             if listener_ready {
                 self.accept_batch();
@@ -299,13 +327,14 @@ impl Dispatcher {
     /// next pause ends or the next parked connection's deadline, whichever comes first.
     fn timeout(&mut self) -> EpollTimeout {
         let now = Instant::now();
-        for pause in [&mut self.accept_paused_until, &mut self.agent_paused_until] {
+        for pause in [&mut self.accept_paused_until, &mut self.agent_paused_until, &mut self.named_paused_until] {
             if pause.is_some_and(|until| until <= now) {
                 *pause = None;
             }
         }
-        let pauses = [self.accept_paused_until, self.agent_paused_until];
-        let Some(until) = pauses.into_iter().chain([self.parked.next_deadline()]).flatten().min() else {
+        let pauses = [self.accept_paused_until, self.agent_paused_until, self.named_paused_until];
+        let pending = self.named.as_ref().and_then(NamedListener::next_deadline);
+        let Some(until) = pauses.into_iter().chain([self.parked.next_deadline(), pending]).flatten().min() else {
             return EpollTimeout::NONE;
         };
         let left = until.saturating_duration_since(now);
@@ -368,6 +397,13 @@ impl Dispatcher {
             self.watching_agent = want_agent;
             if let Some(listener) = self.agent.listener() {
                 self.set_watch(listener, want_agent, AGENT);
+            }
+        }
+        let want_named = self.named_paused_until.is_none();
+        if want_named != self.watching_named {
+            self.watching_named = want_named;
+            if let Some(named) = &self.named {
+                self.set_watch(named.listener(), want_named, NAMED);
             }
         }
         let want_links = self.ready.is_empty();
@@ -524,52 +560,56 @@ impl Dispatcher {
     /// Takes registrations until the socket is empty (at most REGISTRATION_BATCH); each is
     /// answered on its link, unless its link cannot take an answer.
     fn register_workers(&mut self) {
-        let mut buf = [0u8; MAX_MESSAGE];
         for _ in 0..REGISTRATION_BATCH {
-            let section = CreateSection::enter();
-            // Out of fds, a registration would arrive without them (the kernel closes what does
-            // not fit) and could not even be refused: free the reserve for it, take it back after.
-            // (Inside the section: a fork must not catch the probes.)
-            let short = !fdpass::has_free_fds(self.registrar.as_fd(), fdpass::MAX_FDS);
-            if short {
-                self.reserve.clear();
-            }
-            let registration = match fdpass::recv_with_fds(self.registrar.as_fd(), &mut buf) {
-                Ok(Received::Message(len, fds)) => {
-                    let fds: Option<Vec<ParentOnlyFd>> =
-                        fds.into_iter().map(|fd| section.adopt(fdpass::above_select_range(fd)).ok()).collect();
-                    let fds = fds.and_then(|fds| <[ParentOnlyFd; 3]>::try_from(fds).ok());
-                    Some(wire::decode_registration(&buf[..len]).zip(fds))
-                }
-                Ok(Received::Empty) => None,
-                Ok(Received::Closed) => {
+            match receive_registration(self.registrar.as_fd(), &mut self.reserve) {
+                Incoming::Nothing => break,
+                Incoming::Closed => {
                     // Only once the Tcl side has gone, and then the thread stops: just in case,
                     // stop watching an fd that would stay readable.
                     let _ = self.epoll.delete(self.registrar.as_fd());
-                    None
+                    break;
                 }
-                // Malformed, or fds cut short for lack of fd numbers: lost, counted below.
-                Err(err) if err.kind() == io::ErrorKind::InvalidData || err.raw_os_error() == Some(libc::EMFILE) => {
-                    Some(None)
-                }
-                Err(_) => None,
-            };
-            drop(section);
-            match registration {
-                None => {
-                    self.take_reserve();
-                    return;
-                }
-                Some(None) => self.refused += 1,
-                Some(Some((pid, [link, mailbox, peer]))) => self.register(pid, link, mailbox, peer, short),
+                Incoming::Malformed => self.refused += 1,
+                Incoming::Registration(registration, fds, short) => self.register(registration, fds, short, true),
             }
             self.take_reserve();
+        }
+        self.take_reserve();
+    }
+
+    /// Takes the connections waiting on the named socket.
+    fn accept_named(&mut self) {
+        let Some(named) = &mut self.named else { return };
+        let accepted = named.accept(&self.epoll, Instant::now());
+        self.refused += accepted.evicted;
+        if accepted.exhausted {
+            self.named_paused_until = Some(Instant::now() + ACCEPT_BACKOFF);
+        }
+    }
+
+    /// A connection to the named socket has sent something, or closed: its registration is
+    /// answered and the connection closed, whatever it was.
+    fn pending_event(&mut self, place: usize, serial: u32) {
+        let Some(pending) = self.named.as_mut().and_then(|named| named.take(&self.epoll, place, serial)) else { return };
+        match receive_registration(pending.conn.as_fd(), &mut self.reserve) {
+            Incoming::Registration(registration, fds, short) => {
+                self.register(registration, fds, short, pending.permitted);
+            }
+            // Closed, empty or malformed: nothing to answer.
+            _ => self.refused += 1,
+        }
+        self.take_reserve();
+    }
+
+    fn expire_pending(&mut self) {
+        if let Some(named) = self.named.as_mut().filter(|named| named.len() > 0) {
+            self.refused += named.expire(&self.epoll, Instant::now());
         }
     }
 
     /// Answers one registration whose fds have been received; `short`: the process has no fds
-    /// to spare for it.
-    fn register(&mut self, pid: i32, link: ParentOnlyFd, mailbox: ParentOnlyFd, peer: ParentOnlyFd, short: bool) {
+    /// to spare for it; `permitted`: its sender's uid or gid may register.
+    fn register(&mut self, registration: Registration, [link, mailbox, peer]: [ParentOnlyFd; 3], short: bool, permitted: bool) {
         // The three sockets must be three, none of them the registration socket (an answer
         // sent on a copy of it would come back to this thread as a registration).
         let ids = [&link, &mailbox, &peer].map(|fd| fdpass::identity(fd.as_fd()));
@@ -582,9 +622,14 @@ impl Dispatcher {
             return;
         }
         // The pid it says must be the one the kernel knows made the link (SO_PEERCRED).
+        let pid = registration.pid;
         let pid_checks = fdpass::peer_pid(link.as_fd()) == Some(pid);
         let refusal = if short {
             Some(Refusal::OutOfFds)
+        } else if !permitted {
+            Some(Refusal::NotPermitted)
+        } else if registration.version != wire::VERSION {
+            Some(Refusal::Version(wire::VERSION))
         } else if !pid_checks {
             Some(Refusal::Invalid)
         } else if self.workers.len() >= self.max_workers {
@@ -594,11 +639,14 @@ impl Dispatcher {
         } else {
             None
         };
-        let answer = refusal.map_or(Answer::Accepted, Answer::Refused);
+        let answer = refusal.map_or(Answer::Accepted { version: wire::VERSION, port: self.port }, Answer::Refused);
         let (bytes, len) = wire::encode_answer(answer);
         let answered = fdpass::send_message(link.as_fd(), &bytes[..len]).is_ok();
         if refusal.is_some() || !answered {
             self.refused += 1;
+            if refusal == Some(Refusal::NotPermitted) {
+                self.denied += 1;
+            }
             return;
         }
         let slot = self.workers.insert(Worker::new(link, mailbox, peer, pid));
@@ -703,6 +751,7 @@ impl Dispatcher {
             accepted: self.accepted,
             delivered: self.delivered,
             refused: self.refused,
+            denied: self.denied,
             dropped: self.dropped,
             queued: self.waiting.len() as u32,
             ready: self.ready.len() as u32,
@@ -715,19 +764,62 @@ impl Dispatcher {
     }
 }
 
+/// What a registration socket had.
+enum Incoming {
+    /// Nothing now (empty, or a failing socket).
+    Nothing,
+    /// Its other end has closed.
+    Closed,
+    /// A message that is not a registration, or one whose fds were lost: refused unanswered.
+    Malformed,
+    /// A registration with its three fds; true if the process has no fds to spare for it.
+    Registration(Registration, [ParentOnlyFd; 3], bool),
+}
+
+/// Receives one registration from `sock`. Out of fds, a registration would arrive without them
+/// (the kernel closes what does not fit) and could not even be refused: the reserve is freed for
+/// it, and the caller takes it back after.
+fn receive_registration(sock: BorrowedFd, reserve: &mut Vec<ParentOnlyFd>) -> Incoming {
+    let mut buf = [0u8; MAX_MESSAGE];
+    let section = CreateSection::enter();
+    // (Inside the section: a fork must not catch the probes.)
+    let short = !fdpass::has_free_fds(sock, fdpass::MAX_FDS);
+    if short {
+        reserve.clear();
+    }
+    match fdpass::recv_with_fds(sock, &mut buf) {
+        Ok(Received::Message(len, fds)) => {
+            let fds: Option<Vec<ParentOnlyFd>> =
+                fds.into_iter().map(|fd| section.adopt(fdpass::above_select_range(fd)).ok()).collect();
+            let fds = fds.and_then(|fds| <[ParentOnlyFd; 3]>::try_from(fds).ok());
+            match (wire::decode_registration(&buf[..len]), fds) {
+                (Some(registration), Some(fds)) => Incoming::Registration(registration, fds, short),
+                _ => Incoming::Malformed,
+            }
+        }
+        Ok(Received::Empty) => Incoming::Nothing,
+        Ok(Received::Closed) => Incoming::Closed,
+        // Malformed, or fds cut short for lack of fd numbers: lost.
+        Err(err) if err.kind() == io::ErrorKind::InvalidData || err.raw_os_error() == Some(libc::EMFILE) => {
+            Incoming::Malformed
+        }
+        Err(_) => Incoming::Nothing,
+    }
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;
 
     #[test]
     fn member_tokens_round_trip_and_never_collide_with_the_fixed_ones() {
-        for member in [Member::Link, Member::Mailbox, Member::Parked] {
+        for member in [Member::Link, Member::Mailbox, Member::Parked, Member::Pending] {
             for (index, serial) in [(0, 1), (5, u32::MAX), ((1 << 30) - 1, 7)] {
                 let token = member_token(member, index, serial);
                 assert_eq!(member_of(token), Some((member, index, serial)));
             }
         }
-        for fixed in [CONTROL, REGISTRAR, LISTENER, INNER, AGENT] {
+        for fixed in [CONTROL, REGISTRAR, LISTENER, INNER, AGENT, NAMED] {
             assert_eq!(member_of(fixed), None);
         }
     }

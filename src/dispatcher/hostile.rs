@@ -93,6 +93,11 @@ fn answer(link: &OwnedFd) -> Option<wire::Answer> {
     }
 }
 
+/// A registration of this protocol's version, claiming `pid`.
+fn registration(pid: i32) -> [u8; 6] {
+    wire::encode_registration(wire::Registration { version: wire::VERSION, pid })
+}
+
 /// A worker registered by hand, keeping what an honest worker would give away: its copy of
 /// the dispatcher's end of the mailbox, with which it can put anything in its own mailbox.
 struct Rogue {
@@ -106,9 +111,9 @@ impl Rogue {
         let (link, dispatcher_link) = fdpass::seqpacket_pair().unwrap();
         let (mailbox, dispatcher_mailbox) = fdpass::seqpacket_pair().unwrap();
         let fds = [dispatcher_link.as_fd(), dispatcher_mailbox.as_fd(), mailbox.as_fd()];
-        send_registration(server, &wire::encode_registration(std::process::id() as i32), &fds);
+        send_registration(server, &registration(std::process::id() as i32), &fds);
         drop(dispatcher_link);
-        assert_eq!(answer(&link), Some(wire::Answer::Accepted));
+        assert!(matches!(answer(&link), Some(wire::Answer::Accepted { .. })));
         Rogue { link, _mailbox: mailbox, dispatcher_mailbox }
     }
 
@@ -175,7 +180,7 @@ fn a_registration_whose_mailbox_peer_is_another_socket_is_refused() {
     let (_mailbox, dispatcher_mailbox) = fdpass::seqpacket_pair().unwrap();
     let (impostor, _other) = fdpass::seqpacket_pair().unwrap();
     let me = std::process::id() as i32;
-    send_registration(&server, &wire::encode_registration(me), &[dispatcher_link.as_fd(), dispatcher_mailbox.as_fd(), impostor.as_fd()]);
+    send_registration(&server, &registration(me), &[dispatcher_link.as_fd(), dispatcher_mailbox.as_fd(), impostor.as_fd()]);
     drop(dispatcher_link);
     assert_eq!(answer(&link), Some(wire::Answer::Refused(Refusal::Invalid)));
     let snap = server.snapshot().unwrap();
@@ -188,7 +193,7 @@ fn a_registration_that_gives_another_pid_is_refused() {
     let (link, dispatcher_link) = fdpass::seqpacket_pair().unwrap();
     let (mailbox, dispatcher_mailbox) = fdpass::seqpacket_pair().unwrap();
     let me = std::process::id() as i32;
-    send_registration(&server, &wire::encode_registration(me + 1), &[dispatcher_link.as_fd(), dispatcher_mailbox.as_fd(), mailbox.as_fd()]);
+    send_registration(&server, &registration(me + 1), &[dispatcher_link.as_fd(), dispatcher_mailbox.as_fd(), mailbox.as_fd()]);
     drop(dispatcher_link);
     assert_eq!(answer(&link), Some(wire::Answer::Refused(Refusal::Invalid)));
     assert_eq!(server.snapshot().unwrap().workers.len(), 0);
@@ -200,7 +205,7 @@ fn a_registration_whose_link_is_not_a_seqpacket_socket_is_closed_unanswered() {
     let (stream_link, dispatcher_stream) =
         std::os::unix::net::UnixStream::pair().map(|(a, b)| (OwnedFd::from(a), OwnedFd::from(b))).unwrap();
     let (mailbox, dispatcher_mailbox) = fdpass::seqpacket_pair().unwrap();
-    send_registration(&server, &wire::encode_registration(1), &[dispatcher_stream.as_fd(), dispatcher_mailbox.as_fd(), mailbox.as_fd()]);
+    send_registration(&server, &registration(1), &[dispatcher_stream.as_fd(), dispatcher_mailbox.as_fd(), mailbox.as_fd()]);
     drop(dispatcher_stream);
     wait_readable(stream_link.as_fd(), 5 * SECOND).unwrap();
     let mut byte = [0u8; 1];
@@ -253,7 +258,7 @@ fn junk_in_a_dead_workers_mailbox_is_dropped_and_its_connection_saved() {
 fn random_message(rng: &mut Prng, kinds: &[BorrowedFd]) -> (Vec<u8>, Vec<usize>) {
     let bytes = match rng.next() % 6 {
         0 => Vec::new(),
-        1 => wire::encode_registration(rng.next() as i32).to_vec(),
+        1 => registration(rng.next() as i32).to_vec(),
         2 => wire::encode_ready(rng.next()).to_vec(),
         3 => rng.bytes(200),
         _ => rng.bytes(MAX_MESSAGE),
@@ -407,7 +412,7 @@ fn a_copy_of_the_registration_socket_offered_as_a_link_is_refused() {
     let (mailbox, dispatcher_mailbox) = fdpass::seqpacket_pair().unwrap();
     // Its SO_PEERCRED pid is the serving process's: ours, here.
     let fds = [server.registration.as_fd(), dispatcher_mailbox.as_fd(), mailbox.as_fd()];
-    send_registration(&server, &wire::encode_registration(std::process::id() as i32), &fds);
+    send_registration(&server, &registration(std::process::id() as i32), &fds);
     wait_for(&server, "the refusal counted", |s| s.refused == 1);
     let mut honest = WorkerLink::register(server.registration.as_fd()).unwrap();
     serves(&server, &mut honest);

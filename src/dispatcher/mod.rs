@@ -24,7 +24,8 @@
 //!
 //! Modules: `event_loop` (the thread), `workers` (the registry), `ready_queue`, `parked` (parked
 //! connections and their timers), `control` (the Tcl thread's requests and the snapshot), `agent`
-//! (HAProxy's agent check and the drain state).
+//! (HAProxy's agent check and the drain state), `pending` (the named registration socket, `-path`,
+//! and the connections on it that have not sent their registration yet).
 
 mod agent;
 mod control;
@@ -34,6 +35,7 @@ mod hostile;
 #[cfg(test)]
 mod park_tests;
 mod parked;
+mod pending;
 mod proxied;
 mod ready_queue;
 mod workers;
@@ -104,6 +106,12 @@ pub struct ServerConfig {
     pub proxy: crate::proxy::Accept,
     /// `-proxyfrom`: the sources whose headers are believed.
     pub proxy_from: Vec<crate::proxy::Cidr>,
+    /// `-path`: the named registration socket, for workers that are not forked children.
+    pub path: Option<std::path::PathBuf>,
+    /// `-pathmode`: its file mode.
+    pub path_mode: u32,
+    /// `-allowusers`, `-allowgroups`: who besides the server's own uid may register through it.
+    pub permitted: crate::named::Permitted,
 }
 
 impl ServerConfig {
@@ -125,6 +133,9 @@ impl ServerConfig {
             agent: None,
             proxy: crate::proxy::Accept::None,
             proxy_from: crate::proxy::default_trusted(),
+            path: None,
+            path_mode: crate::named::DEFAULT_MODE,
+            permitted: crate::named::Permitted::default(),
         }
     }
 }
@@ -139,6 +150,8 @@ pub struct Server {
     /// The end of the registration socket that workers (this process and its forked children)
     /// use to register. Inherited by children on purpose.
     pub registration: OwnedFd,
+    /// `-path`'s socket file, removed when the server closes.
+    named_path: Option<crate::named::NamedPath>,
     control: ParentOnlyFd,
     thread: Option<JoinHandle<()>>,
     generation: u64,
@@ -163,10 +176,19 @@ impl Server {
         let (control, thread_control) = fdpass::seqpacket_pair()?;
         let control = section.adopt(control)?;
         let thread_control = section.adopt(thread_control)?;
+        let (named, named_path) = match &config.path {
+            Some(path) => {
+                let (listener, named_path) = crate::named::listen(path, config.path_mode, config.backlog)?;
+                // (Removed again as it drops, if the server does not start.)
+                let listener = section.adopt(listener)?;
+                (Some(pending::NamedListener::new(listener, config.permitted.clone())), Some(named_path))
+            }
+            None => (None, None),
+        };
         drop(section);
         let address = fdpass::local_addr(listener.as_fd())?;
         let own_sockets = [fdpass::identity(registration.as_fd()), fdpass::identity(registrar.as_fd())];
-        let dispatcher = event_loop::Dispatcher::new(listener, registrar, thread_control, &config, own_sockets)?;
+        let dispatcher = event_loop::Dispatcher::new(listener, registrar, thread_control, &config, own_sockets, named)?;
         let thread = std::thread::Builder::new()
             .name(format!("socketserver:{}", address.port()))
             .spawn(move || dispatcher.run())?;
@@ -174,6 +196,7 @@ impl Server {
             address,
             config,
             registration,
+            named_path,
             control,
             thread: Some(thread),
             generation: crate::fork_safety::generation(),
@@ -267,6 +290,8 @@ impl Drop for Server {
         if let Some(thread) = self.thread.take() {
             let _ = thread.join();
         }
+        // The listener has closed with the thread: now the path may go.
+        drop(self.named_path.take());
     }
 }
 

@@ -1,0 +1,147 @@
+//! The named registration socket's listener and the connections on it that have not yet sent
+//! their registration.
+//!
+//! A worker connects and sends its registration at once, so a connection is usually pending for
+//! a moment only; one that sends nothing is closed after [`DEADLINE`], and at most [`CAPACITY`]
+//! wait: when all places are taken, the one that has waited longest makes room. So a process
+//! that opens connections and sends nothing delays honest workers by nothing more than the
+//! places it holds, and costs the dispatcher at most `CAPACITY` fds. Who connected is read with
+//! SO_PEERCRED at accept time, so the registration can be answered "not permitted".
+
+use super::event_loop::{member_token, Member};
+use crate::fork_safety::{CreateSection, ParentOnlyFd};
+use crate::named::{self, Permitted};
+use nix::sys::epoll::{Epoll, EpollEvent, EpollFlags};
+use nix::sys::socket::{self, SockFlag};
+use std::io;
+use std::os::fd::{AsFd, AsRawFd, BorrowedFd, FromRawFd, OwnedFd};
+use std::time::{Duration, Instant};
+
+/// How long a connection may take to send its registration.
+pub const DEADLINE: Duration = Duration::from_secs(5);
+/// Connections waiting for their registration at most.
+pub const CAPACITY: usize = 16;
+/// Connections accepted in a row before the other sockets get a look.
+const ACCEPT_BATCH: usize = 16;
+
+/// A connection to the named socket, waiting for its registration.
+#[derive(Debug)]
+pub struct Pending {
+    pub conn: ParentOnlyFd,
+    /// Its uid or gid may register.
+    pub permitted: bool,
+    deadline: Instant,
+    serial: u32,
+}
+
+/// What accepting did besides adding connections.
+#[derive(Debug, Default, PartialEq, Eq)]
+pub struct Accepted {
+    /// Connections closed to make room (they had sent nothing).
+    pub evicted: u64,
+    /// Accepting failed for lack of fds or memory: pause.
+    pub exhausted: bool,
+}
+
+pub struct NamedListener {
+    listener: ParentOnlyFd,
+    permitted: Permitted,
+    own_uid: u32,
+    places: Vec<Option<Pending>>,
+    last_serial: u32,
+}
+
+impl NamedListener {
+    pub fn new(listener: ParentOnlyFd, permitted: Permitted) -> NamedListener {
+        NamedListener {
+            listener,
+            permitted,
+            own_uid: nix::unistd::geteuid().as_raw(),
+            places: (0..CAPACITY).map(|_| None).collect(),
+            last_serial: 0,
+        }
+    }
+
+    pub fn listener(&self) -> BorrowedFd<'_> {
+        self.listener.as_fd()
+    }
+
+    pub fn len(&self) -> usize {
+        self.places.iter().flatten().count()
+    }
+
+    /// Accepts what waits (at most a batch), each into a place, watched in `epoll`.
+    pub fn accept(&mut self, epoll: &Epoll, now: Instant) -> Accepted {
+        let mut accepted = Accepted::default();
+        for _ in 0..ACCEPT_BATCH {
+            let section = CreateSection::enter();
+            let conn = match accept(self.listener.as_fd()).and_then(|fd| section.adopt(fd)) {
+                Ok(conn) => conn,
+                Err(err) => {
+                    accepted.exhausted = !matches!(
+                        err.raw_os_error(),
+                        Some(libc::EAGAIN | libc::ECONNABORTED | libc::EINTR | libc::EPROTO)
+                    );
+                    return accepted;
+                }
+            };
+            drop(section);
+            let permitted = named::peer_credentials(conn.as_fd())
+                .is_some_and(|(_, uid, gid)| self.permitted.allows(self.own_uid, uid, gid));
+            let place = match self.places.iter().position(Option::is_none) {
+                Some(place) => place,
+                None => {
+                    accepted.evicted += 1;
+                    let oldest = (0..CAPACITY).min_by_key(|&i| self.places[i].as_ref().map(|p| p.deadline));
+                    let oldest = oldest.expect("CAPACITY > 0");
+                    self.close(epoll, oldest);
+                    oldest
+                }
+            };
+            self.last_serial = self.last_serial.checked_add(1).unwrap_or(1);
+            let token = member_token(Member::Pending, place, self.last_serial);
+            if epoll.add(conn.as_fd(), EpollEvent::new(EpollFlags::EPOLLIN, token)).is_ok() {
+                self.places[place] = Some(Pending { conn, permitted, deadline: now + DEADLINE, serial: self.last_serial });
+            }
+        }
+        accepted
+    }
+
+    /// Takes the connection in `place` if it is the one with `serial`, out of `epoll`.
+    pub fn take(&mut self, epoll: &Epoll, place: usize, serial: u32) -> Option<Pending> {
+        let pending = self.places.get_mut(place)?.take_if(|p| p.serial == serial)?;
+        let _ = epoll.delete(pending.conn.as_fd());
+        Some(pending)
+    }
+
+    fn close(&mut self, epoll: &Epoll, place: usize) {
+        if let Some(pending) = self.places[place].take() {
+            let _ = epoll.delete(pending.conn.as_fd());
+        }
+    }
+
+    /// Closes the connections past their deadline; how many.
+    pub fn expire(&mut self, epoll: &Epoll, now: Instant) -> u64 {
+        let mut expired = 0;
+        for place in 0..CAPACITY {
+            if self.places[place].as_ref().is_some_and(|p| p.deadline <= now) {
+                self.close(epoll, place);
+                expired += 1;
+            }
+        }
+        expired
+    }
+
+    pub fn next_deadline(&self) -> Option<Instant> {
+        self.places.iter().flatten().map(|p| p.deadline).min()
+    }
+}
+
+/// Accepts a Unix connection: non-blocking (a registration is read without waiting) and
+/// close-on-exec.
+fn accept(listener: BorrowedFd) -> io::Result<OwnedFd> {
+    let flags = SockFlag::SOCK_CLOEXEC | SockFlag::SOCK_NONBLOCK;
+    let fd = socket::accept4(listener.as_raw_fd(), flags).map_err(|e| io::Error::from_raw_os_error(e as i32))?;
+    // SAFETY: accept4 returned a new fd that nobody else owns.
+    Ok(unsafe { OwnedFd::from_raw_fd(fd) })
+}
