@@ -40,6 +40,17 @@ pub fn send_with_fds(sock: BorrowedFd, payload: &[u8], fds: &[BorrowedFd]) -> io
     Ok(())
 }
 
+/// Clears O_NONBLOCK on `fd` if it is set (a failure leaves it as it was).
+pub fn set_blocking(fd: BorrowedFd) {
+    use nix::fcntl::{fcntl, FcntlArg, OFlag};
+    if let Ok(flags) = fcntl(fd.as_raw_fd(), FcntlArg::F_GETFL) {
+        let flags = OFlag::from_bits_retain(flags);
+        if flags.contains(OFlag::O_NONBLOCK) {
+            let _ = fcntl(fd.as_raw_fd(), FcntlArg::F_SETFL(flags - OFlag::O_NONBLOCK));
+        }
+    }
+}
+
 /// A new close-on-exec fd for the same file as `any`: a spare that holds an fd number.
 pub fn spare_fd(any: BorrowedFd) -> io::Result<OwnedFd> {
     let fd = nix::fcntl::fcntl(any.as_raw_fd(), nix::fcntl::FcntlArg::F_DUPFD_CLOEXEC(0)).map_err(errno)?;

@@ -10,7 +10,7 @@ use crate::wire::{self, MAX_MESSAGE};
 use crate::worker::WorkerLink;
 use std::io::{Read, Write};
 use std::net::{Shutdown, TcpListener, TcpStream};
-use std::os::fd::BorrowedFd;
+use std::os::fd::{AsRawFd, BorrowedFd};
 
 const SECOND: Duration = Duration::from_secs(1);
 
@@ -249,6 +249,25 @@ fn a_handed_back_connection_is_parked_and_comes_back_with_its_next_request() {
     let mut replies = String::new();
     talker.read_to_string(&mut replies).unwrap();
     assert_eq!(replies, "12", "both answers on the one connection");
+}
+
+#[test]
+fn a_connection_handed_back_non_blocking_is_delivered_blocking_as_an_accepted_one() {
+    let server = start(Wait::None, |_| {});
+    let mut link = ready_worker(&server);
+    let mut talker = client(&server);
+    let first = receive(&mut link);
+    let conn = TcpStream::from(first.fd);
+    // As a Python worker's settimeout() leaves it: O_NONBLOCK is the open file's, shared.
+    conn.set_nonblocking(true).unwrap();
+    hand_back(&link, conn.as_fd(), first.peer);
+    drop(conn);
+    wait_for(&server, "parked", |s| s.parked == 1);
+    link.arm().unwrap();
+    talker.write_all(b"next").unwrap();
+    let second = receive(&mut link);
+    let flags = nix::fcntl::fcntl(second.fd.as_raw_fd(), nix::fcntl::FcntlArg::F_GETFL).unwrap();
+    assert_eq!(flags & libc::O_NONBLOCK, 0, "delivered blocking");
 }
 
 #[test]

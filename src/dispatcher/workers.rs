@@ -137,6 +137,9 @@ impl Worker {
         match fdpass::recv_with_fds(self.mailbox.as_fd(), &mut buf) {
             Ok(Received::Message(len, mut fds)) => Some(match (fds.pop(), wire::decode_handback(&buf[..len])) {
                 (Some(fd), Some(peer)) if fds.is_empty() && fdpass::is_tcp_stream(fd.as_fd()) => {
+                    // Delivered later as an accepted connection is: blocking (a worker may have
+                    // made it non-blocking, and the flag belongs to the connection, not the fd).
+                    fdpass::set_blocking(fd.as_fd());
                     section.adopt(fdpass::above_select_range(fd)).ok().map(|fd| Connection { fd, peer })
                 }
                 _ => None,
