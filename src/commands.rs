@@ -88,6 +88,13 @@ impl InterpState {
         });
     }
 
+    /// Removes the named sockets (`-path`) of the servers this process serves.
+    pub fn remove_named_paths(&mut self) {
+        for (_, server) in &mut self.servers {
+            server.remove_named_path();
+        }
+    }
+
     fn remove_slot(&mut self, port: u16) {
         if let Some(mut slot) = self.slots.remove(&port) {
             unwatch(&mut slot);

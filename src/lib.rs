@@ -61,6 +61,9 @@ pub unsafe extern "C" fn Socketserver_Init(interp: *mut Tcl_Interp) -> c_int {
         if state.is_null() {
             state = Box::into_raw(Box::new(RefCell::new(InterpState::new(interp)))) as ClientData;
             crate::tcl_stubs::Tcl_SetAssocData(interp, STATE_KEY.as_ptr(), Some(delete_state), state);
+            // `exit` ends the process without deleting interps: the exit handler removes the
+            // named sockets (`-path`) that the state's Drop would have.
+            crate::tcl_stubs::Tcl_CreateExitHandler(Some(on_exit), state);
         }
         ffi::create_command(interp, SOCKET_COMMAND, Some(socket_proc), state);
         ffi::create_command(interp, INFO_COMMAND, Some(info_proc), state);
@@ -76,9 +79,26 @@ pub unsafe extern "C" fn Socketserver_Init(interp: *mut Tcl_Interp) -> c_int {
 }
 
 unsafe extern "C" fn delete_state(state: ClientData, interp: *mut Tcl_Interp) {
+    // SAFETY: the handler was created with this very state; Tcl may run no exit handler for a
+    // freed state.
+    unsafe { crate::tcl_stubs::Tcl_DeleteExitHandler(Some(on_exit), state) };
     // SAFETY: state came from Box::into_raw in Socketserver_Init and Tcl calls this once.
     let state = unsafe { Box::from_raw(state as *mut StateCell) };
     ffi::guard_callback(interp, move || drop(state));
+}
+
+/// The process is exiting (`exit`, or the end of tclsh's script): removes the named sockets of
+/// the servers this interp serves. Nothing else: the threads end with the process.
+unsafe extern "C" fn on_exit(state: ClientData) {
+    // SAFETY: the state is live: delete_state deletes this handler before freeing it.
+    let cell = unsafe { &*(state as *const StateCell) };
+    // No interp to report to, and a panic must not unwind into Tcl; a borrow held means a
+    // command of ours called `exit` in the middle of its work: leave it.
+    let _ = std::panic::catch_unwind(std::panic::AssertUnwindSafe(|| {
+        if let Ok(mut state) = cell.try_borrow_mut() {
+            state.remove_named_paths();
+        }
+    }));
 }
 
 /// The signature of every command body: the interp's state, the words as objects and strings.

@@ -206,6 +206,12 @@ impl Server {
         })
     }
 
+    /// Removes `-path`'s socket file now (registrations through it end; serving goes on). A
+    /// forked child's copy removes nothing.
+    pub fn remove_named_path(&mut self) {
+        drop(self.named_path.take());
+    }
+
     /// False in a child forked from the process that started the server.
     pub fn is_owner(&self) -> bool {
         self.generation == crate::fork_safety::generation()
