@@ -267,6 +267,7 @@ impl Dispatcher {
                 }
             };
             let mut listener_ready = false;
+            let mut named_ready = false;
             for event in &events[..n] {
                 match event.data() {
                     CONTROL => {
@@ -278,7 +279,8 @@ impl Dispatcher {
                     LISTENER => listener_ready = true,
                     INNER => self.serve_links(),
                     AGENT => self.answer_agents(),
-                    NAMED => self.accept_named(),
+                    // After the pending connections' events: their places are free then.
+                    NAMED => named_ready = true,
                     token => match member_of(token) {
                         // Only EPOLLHUP/EPOLLERR: the worker has gone. A READY it sent last does
                         // not count (a connection sent into its mailbox would only be read back).
@@ -296,6 +298,9 @@ impl Dispatcher {
             }
             self.expire_parked();
             self.expire_pending();
+            if named_ready {
+                self.accept_named();
+            }
             self.dispatch();
             if listener_ready {
                 self.accept_batch();

@@ -89,7 +89,7 @@ fn a_fuzzed_named_socket_leaves_the_dispatcher_serving_idle_and_without_leaked_f
     let mut honest = WorkerLink::register_at(&path).unwrap();
     serves(&server, &mut honest);
     let before = open_fds();
-    let mut rng = Prng(0xfa57_0f_5eed);
+    let mut rng = Prng(0xfa57_0f5e_ed00);
     // A guard against a hang, not a speed target.
     let deadline = Instant::now() + 45 * SECOND;
     let mut left_open = Vec::new();
@@ -131,4 +131,26 @@ fn a_fuzzed_named_socket_leaves_the_dispatcher_serving_idle_and_without_leaked_f
     std::thread::sleep(SECOND / 2);
     let spent = dispatcher_cpu_ticks(&server) - ticks;
     assert!(spent <= 2, "the idle dispatcher used {spent} ticks in half a second");
+}
+
+#[test]
+fn more_workers_registering_at_once_than_there_are_places_all_get_in() {
+    let path = scratch("crowd");
+    let server = start_at(&path);
+    let crowd = 5 * CAPACITY / 2;
+    let start = std::sync::Arc::new(std::sync::Barrier::new(crowd));
+    let threads: Vec<_> = (0..crowd)
+        .map(|_| {
+            let (path, start) = (path.clone(), start.clone());
+            std::thread::spawn(move || {
+                start.wait();
+                WorkerLink::register_at(&path).map_err(|e| format!("{e:?}"))
+            })
+        })
+        .collect();
+    let results: Vec<_> = threads.into_iter().map(|t| t.join().unwrap()).collect();
+    let failed: Vec<_> = results.iter().filter_map(|r| r.as_ref().err()).collect();
+    assert!(failed.is_empty(), "{} of {crowd} refused: {failed:?}", failed.len());
+    let snap = wait_for(&server, "every one registered", |s| s.workers.len() == crowd);
+    assert_eq!(snap.refused, 0, "{snap:?}");
 }

@@ -3,12 +3,15 @@
 //!
 //! A worker connects and sends its registration at once, so a connection is usually pending for
 //! a moment only; one that sends nothing is closed after [`DEADLINE`], and at most [`CAPACITY`]
-//! wait: when all places are taken, the one that has waited longest makes room. So a process
-//! that opens connections and sends nothing delays honest workers by nothing more than the
-//! places it holds, and costs the dispatcher at most `CAPACITY` fds. Who connected is read with
+//! wait: when all places are taken, the silent one that has waited longest makes room (one that
+//! has sent its registration is read first, never evicted; while every place holds one, the rest
+//! wait in the listen backlog). So a process that opens connections and sends nothing delays
+//! honest workers by nothing more than the places it holds, and costs the dispatcher at most
+//! `CAPACITY` fds. Who connected is read with
 //! SO_PEERCRED at accept time, so the registration can be answered "not permitted".
 
 use super::event_loop::{member_token, Member};
+use crate::fdpass;
 use crate::fork_safety::{CreateSection, ParentOnlyFd};
 use crate::named::{self, Permitted};
 use nix::sys::epoll::{Epoll, EpollEvent, EpollFlags};
@@ -70,10 +73,25 @@ impl NamedListener {
         self.places.iter().flatten().count()
     }
 
-    /// Accepts what waits (at most a batch), each into a place, watched in `epoll`.
+    /// Accepts what waits (at most a batch), each into a place, watched in `epoll`. Call it
+    /// after the pending connections' own events of the same wait were handled: those are the
+    /// registrations that have arrived, and their places are free now.
     pub fn accept(&mut self, epoll: &Epoll, now: Instant) -> Accepted {
         let mut accepted = Accepted::default();
         for _ in 0..ACCEPT_BATCH {
+            let free = match self.places.iter().position(Option::is_none) {
+                Some(place) => place,
+                None => match self.oldest_silent() {
+                    Some(place) => {
+                        accepted.evicted += 1;
+                        self.close(epoll, place);
+                        place
+                    }
+                    // Every place holds a registration that the next wait reports: the rest
+                    // wait in the backlog until then.
+                    None => return accepted,
+                },
+            };
             let section = CreateSection::enter();
             let conn = match accept(self.listener.as_fd()).and_then(|fd| section.adopt(fd)) {
                 Ok(conn) => conn,
@@ -88,23 +106,22 @@ impl NamedListener {
             drop(section);
             let permitted = named::peer_credentials(conn.as_fd())
                 .is_some_and(|(_, uid, gid)| self.permitted.allows(self.own_uid, uid, gid));
-            let place = match self.places.iter().position(Option::is_none) {
-                Some(place) => place,
-                None => {
-                    accepted.evicted += 1;
-                    let oldest = (0..CAPACITY).min_by_key(|&i| self.places[i].as_ref().map(|p| p.deadline));
-                    let oldest = oldest.expect("CAPACITY > 0");
-                    self.close(epoll, oldest);
-                    oldest
-                }
-            };
             self.last_serial = self.last_serial.checked_add(1).unwrap_or(1);
-            let token = member_token(Member::Pending, place, self.last_serial);
+            let token = member_token(Member::Pending, free, self.last_serial);
             if epoll.add(conn.as_fd(), EpollEvent::new(EpollFlags::EPOLLIN, token)).is_ok() {
-                self.places[place] = Some(Pending { conn, permitted, deadline: now + DEADLINE, serial: self.last_serial });
+                self.places[free] = Some(Pending { conn, permitted, deadline: now + DEADLINE, serial: self.last_serial });
             }
         }
         accepted
+    }
+
+    /// The place of the connection that has waited longest with nothing sent (or closed).
+    fn oldest_silent(&self) -> Option<usize> {
+        (0..CAPACITY)
+            .filter_map(|i| self.places[i].as_ref().map(|p| (i, p)))
+            .filter(|(_, p)| !fdpass::has_queued(p.conn.as_fd()))
+            .min_by_key(|(_, p)| p.deadline)
+            .map(|(i, _)| i)
     }
 
     /// Takes the connection in `place` if it is the one with `serial`, out of `epoll`.
