@@ -3,16 +3,15 @@
 //! clobbering a live server's, replacing a stale one), removing it (only if it is still ours),
 //! connecting to it, and who may register through it (SO_PEERCRED).
 //!
-//! The socket is bound under a temporary name in the same directory, given its mode, listening,
-//! and only then renamed to the path: the path never names a socket with the wrong mode or one
-//! that refuses connections, and rename(2) replaces a stale socket atomically.
+//! Servers in one process or many that ask for the same path take turns (a flock(2) on its
+//! directory): the first binds, the others find it live.
 
+use nix::fcntl::{Flock, FlockArg};
 use nix::sys::socket::{self, getsockopt, setsockopt, sockopt, AddressFamily, SockFlag, SockType, UnixAddr};
 use std::io;
 use std::os::fd::{AsRawFd, BorrowedFd, OwnedFd};
 use std::os::unix::fs::{FileTypeExt, MetadataExt, PermissionsExt};
 use std::path::{Path, PathBuf};
-use std::sync::atomic::{AtomicU32, Ordering};
 use std::time::Duration;
 
 /// The mode of a named socket unless `-pathmode` says otherwise: the owner only.
@@ -47,12 +46,15 @@ impl Drop for NamedPath {
 /// is not a socket (EEXIST); replaces a stale socket (nobody listening). Returns the non-blocking,
 /// close-on-exec listener and the path to remove later.
 pub fn listen(path: &Path, mode: u32, backlog: u32) -> io::Result<(OwnedFd, NamedPath)> {
+    // Two servers asking for one path at once: each checks and binds while holding the lock, so
+    // the second sees the first's socket live (it has its mode and listens before the lock goes).
+    let _lock = lock_directory(path)?;
     match std::fs::symlink_metadata(path) {
         Ok(meta) if !meta.file_type().is_socket() => return Err(io::Error::from_raw_os_error(libc::EEXIST)),
         Ok(_) if is_live(path) => return Err(io::Error::from_raw_os_error(libc::EADDRINUSE)),
-        _ => {}
+        Ok(_) => std::fs::remove_file(path)?,
+        Err(_) => {}
     }
-    let temporary = temporary_name(path)?;
     let listener = socket::socket(
         AddressFamily::Unix,
         SockType::SeqPacket,
@@ -60,25 +62,27 @@ pub fn listen(path: &Path, mode: u32, backlog: u32) -> io::Result<(OwnedFd, Name
         None,
     )
     .map_err(errno)?;
-    let address = UnixAddr::new(&temporary).map_err(errno)?;
-    socket::bind(listener.as_raw_fd(), &address).map_err(errno)?;
-    let made = (|| {
-        std::fs::set_permissions(&temporary, std::fs::Permissions::from_mode(mode))?;
-        let backlog = backlog.min(i32::MAX as u32) as i32;
-        // Raw listen(2), as fdpass::listen: nix's Backlog refuses values above SOMAXCONN.
-        // SAFETY: listen(2) on a socket we own; the kernel caps the backlog at somaxconn.
-        crate::sys::check(unsafe { libc::listen(listener.as_raw_fd(), backlog) })?;
-        let meta = std::fs::symlink_metadata(&temporary)?;
-        std::fs::rename(&temporary, path)?;
-        Ok(NamedPath { path: path.to_path_buf(), identity: (meta.dev(), meta.ino()), creator: std::process::id() })
-    })();
-    match made {
-        Ok(named) => Ok((listener, named)),
-        Err(err) => {
-            let _ = std::fs::remove_file(&temporary);
-            Err(err)
-        }
-    }
+    // bind(2) makes the file, or fails with EADDRINUSE if anything took the name meanwhile.
+    socket::bind(listener.as_raw_fd(), &UnixAddr::new(path).map_err(errno)?).map_err(errno)?;
+    let meta = std::fs::symlink_metadata(path)?;
+    let named = NamedPath { path: path.to_path_buf(), identity: (meta.dev(), meta.ino()), creator: std::process::id() };
+    // Until listen(2) nobody can connect, so the mode bind gave it (umask's) never lets anyone in.
+    std::fs::set_permissions(path, std::fs::Permissions::from_mode(mode))?;
+    let backlog = backlog.min(i32::MAX as u32) as i32;
+    // Raw listen(2), as fdpass::listen: nix's Backlog refuses values above SOMAXCONN.
+    // SAFETY: listen(2) on a socket we own; the kernel caps the backlog at somaxconn.
+    crate::sys::check(unsafe { libc::listen(listener.as_raw_fd(), backlog) })?;
+    Ok((listener, named))
+}
+
+/// An exclusive flock(2) on `path`'s directory, held while it lives.
+fn lock_directory(path: &Path) -> io::Result<Flock<std::fs::File>> {
+    let dir = match path.parent() {
+        Some(dir) if !dir.as_os_str().is_empty() => dir,
+        _ => Path::new("."),
+    };
+    let dir = std::fs::File::open(dir)?;
+    Flock::lock(dir, FlockArg::LockExclusive).map_err(|(_, e)| errno(e))
 }
 
 /// True if a server accepts connections on the socket at `path` (ECONNREFUSED: a stale one).
@@ -100,17 +104,6 @@ fn connect_nonblocking(path: &Path) -> io::Result<OwnedFd> {
     .map_err(errno)?;
     socket::connect(sock.as_raw_fd(), &UnixAddr::new(path).map_err(errno)?).map_err(errno)?;
     Ok(sock)
-}
-
-/// A name in `path`'s directory that no other process or thread picks at the same time.
-fn temporary_name(path: &Path) -> io::Result<PathBuf> {
-    static COUNTER: AtomicU32 = AtomicU32::new(0);
-    let file = path.file_name().ok_or_else(|| io::Error::from_raw_os_error(libc::EISDIR))?;
-    let n = COUNTER.fetch_add(1, Ordering::Relaxed);
-    let mut name = std::ffi::OsString::from(".");
-    name.push(file);
-    name.push(format!(".{}.{n}", std::process::id()));
-    Ok(path.with_file_name(name))
 }
 
 /// Connects to the named socket at `path`, waiting at most `timeout` for room in its backlog.
@@ -192,7 +185,6 @@ mod tests {
         assert_eq!(meta.permissions().mode() & 0o777, 0o640);
         let conn = connect(&path, Duration::from_secs(1)).unwrap();
         assert_eq!(peer_credentials(conn.as_fd()).map(|c| c.0), Some(std::process::id() as i32));
-        assert!(std::fs::read_dir(path.parent().unwrap()).unwrap().count() == 1, "no temporary left");
         drop((conn, listener));
         // Replaced by someone else meanwhile: not ours to remove.
         // (Written before the socket file goes, so it cannot reuse its inode number.)
@@ -221,6 +213,42 @@ mod tests {
         std::fs::write(&file, b"precious").unwrap();
         assert_eq!(listen(&file, DEFAULT_MODE, 8).unwrap_err().raw_os_error(), Some(libc::EEXIST));
         assert_eq!(std::fs::read(&file).unwrap(), b"precious");
+    }
+
+    #[test]
+    fn servers_asking_for_one_path_at_once_get_it_once() {
+        let path = scratch("race");
+        for round in 0..50 {
+            // A stale socket each round: all of them find it so and want to replace it.
+            let (listener, stale) = listen(&path, DEFAULT_MODE, 8).unwrap();
+            std::mem::forget(stale);
+            drop(listener);
+            let start = std::sync::Arc::new(std::sync::Barrier::new(4));
+            let threads: Vec<_> = (0..4)
+                .map(|_| {
+                    let (path, start) = (path.clone(), start.clone());
+                    std::thread::spawn(move || {
+                        start.wait();
+                        listen(&path, DEFAULT_MODE, 8)
+                    })
+                })
+                .collect();
+            let made: Vec<_> = threads.into_iter().filter_map(|t| t.join().unwrap().ok()).collect();
+            assert_eq!(made.len(), 1, "round {round}: {} servers got the path", made.len());
+            for (listener, named) in made {
+                std::mem::forget(named); // stale for the next round
+                drop(listener);
+            }
+        }
+    }
+
+    #[test]
+    fn a_path_as_long_as_a_unix_address_takes_works() {
+        let dir = scratch("long").parent().unwrap().to_path_buf();
+        let room = 107 - dir.as_os_str().len() - 1;
+        let path = dir.join("s".repeat(room));
+        let (_listener, _named) = listen(&path, DEFAULT_MODE, 8).expect("107 bytes fit");
+        connect(&path, Duration::from_secs(1)).unwrap();
     }
 
     #[test]

@@ -293,13 +293,13 @@ impl Drop for Server {
             std::mem::forget(self.thread.take());
             return;
         }
+        // The path goes first: a worker finds no path rather than one nobody answers.
+        drop(self.named_path.take());
         // A send error means the thread has already ended; joining is then immediate.
         let _ = fdpass::send_message(self.control.as_fd(), &control::encode_request(Request::Stop));
         if let Some(thread) = self.thread.take() {
             let _ = thread.join();
         }
-        // The listener has closed with the thread: now the path may go.
-        drop(self.named_path.take());
     }
 }
 
