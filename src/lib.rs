@@ -62,8 +62,11 @@ pub unsafe extern "C" fn Socketserver_Init(interp: *mut Tcl_Interp) -> c_int {
             state = Box::into_raw(Box::new(RefCell::new(InterpState::new(interp)))) as ClientData;
             crate::tcl_stubs::Tcl_SetAssocData(interp, STATE_KEY.as_ptr(), Some(delete_state), state);
             // `exit` ends the process without deleting interps: the exit handler removes the
-            // named sockets (`-path`) that the state's Drop would have.
-            crate::tcl_stubs::Tcl_CreateExitHandler(Some(on_exit), state);
+            // named sockets (`-path`) that the state's Drop would have. A thread exit handler,
+            // so that it runs in the thread that owns the state, never beside it: Tcl_Exit runs
+            // those of the thread that calls it (a process-wide one would run there too, and
+            // touch another thread's interp state while that thread runs).
+            crate::tcl_stubs::Tcl_CreateThreadExitHandler(Some(on_exit), state);
         }
         ffi::create_command(interp, SOCKET_COMMAND, Some(socket_proc), state);
         ffi::create_command(interp, INFO_COMMAND, Some(info_proc), state);
@@ -81,14 +84,15 @@ pub unsafe extern "C" fn Socketserver_Init(interp: *mut Tcl_Interp) -> c_int {
 unsafe extern "C" fn delete_state(state: ClientData, interp: *mut Tcl_Interp) {
     // SAFETY: the handler was created with this very state; Tcl may run no exit handler for a
     // freed state.
-    unsafe { crate::tcl_stubs::Tcl_DeleteExitHandler(Some(on_exit), state) };
+    unsafe { crate::tcl_stubs::Tcl_DeleteThreadExitHandler(Some(on_exit), state) };
     // SAFETY: state came from Box::into_raw in Socketserver_Init and Tcl calls this once.
     let state = unsafe { Box::from_raw(state as *mut StateCell) };
     ffi::guard_callback(interp, move || drop(state));
 }
 
-/// The process is exiting (`exit`, or the end of tclsh's script): removes the named sockets of
-/// the servers this interp serves. Nothing else: the threads end with the process.
+/// The process is exiting (`exit` in this interp's thread, or the end of tclsh's script), or the
+/// thread is ending: removes the named sockets of the servers this interp serves. Nothing else:
+/// the threads end with the process.
 unsafe extern "C" fn on_exit(state: ClientData) {
     // SAFETY: the state is live: delete_state deletes this handler before freeing it.
     let cell = unsafe { &*(state as *const StateCell) };

@@ -88,7 +88,7 @@ stub_functions! {
     Tcl_BackgroundException = tcl_BackgroundException(interp: *mut Tcl_Interp, code: c_int);
     Tcl_CallWhenDeleted = tcl_CallWhenDeleted(interp: *mut Tcl_Interp, proc_: Tcl_InterpDeleteProc, client_data: ClientData);
     Tcl_CreateChannelHandler = tcl_CreateChannelHandler(chan: Tcl_Channel, mask: c_int, proc_: Tcl_ChannelProc, client_data: ClientData);
-    Tcl_CreateExitHandler = tcl_CreateExitHandler(proc_: Tcl_ExitProc, client_data: ClientData);
+    Tcl_CreateThreadExitHandler = tcl_CreateThreadExitHandler(proc_: Tcl_ExitProc, client_data: ClientData);
     Tcl_CreateCloseHandler = tcl_CreateCloseHandler(chan: Tcl_Channel, proc_: Tcl_CloseProc, client_data: ClientData);
     Tcl_CreateFileHandler = tcl_CreateFileHandler(fd: c_int, mask: c_int, proc_: Tcl_FileProc, client_data: ClientData);
     Tcl_CreateObjCommand = tcl_CreateObjCommand(interp: *mut Tcl_Interp, cmd_name: *const c_char, proc_: Tcl_ObjCmdProc, client_data: ClientData, delete_proc: Tcl_CmdDeleteProc) -> Tcl_Command;
@@ -99,7 +99,7 @@ stub_functions! {
     Tcl_DbIncrRefCount = tcl_DbIncrRefCount(obj: *mut Tcl_Obj, file: *const c_char, line: c_int);
     Tcl_DeleteChannelHandler = tcl_DeleteChannelHandler(chan: Tcl_Channel, proc_: Tcl_ChannelProc, client_data: ClientData);
     Tcl_DeleteCloseHandler = tcl_DeleteCloseHandler(chan: Tcl_Channel, proc_: Tcl_CloseProc, client_data: ClientData);
-    Tcl_DeleteExitHandler = tcl_DeleteExitHandler(proc_: Tcl_ExitProc, client_data: ClientData);
+    Tcl_DeleteThreadExitHandler = tcl_DeleteThreadExitHandler(proc_: Tcl_ExitProc, client_data: ClientData);
     Tcl_DeleteFileHandler = tcl_DeleteFileHandler(fd: c_int);
     Tcl_DeleteTimerHandler = tcl_DeleteTimerHandler(token: Tcl_TimerToken);
     Tcl_DontCallWhenDeleted = tcl_DontCallWhenDeleted(interp: *mut Tcl_Interp, proc_: Tcl_InterpDeleteProc, client_data: ClientData);
