@@ -277,12 +277,16 @@ pub fn parse_client(args: &[&str]) -> CmdResult<ClientArgs> {
     Ok(parsed)
 }
 
-/// A named socket's path: not empty.
+/// A named socket's path: not empty; made absolute (from the current directory, as `file
+/// normalize` does), so `info` tells it, and `exit` removes it, wherever `cd` went since.
 fn parse_path(word: &str) -> CmdResult<std::path::PathBuf> {
     if word.is_empty() {
         return Err(CmdError::new("expected a path but got \"\"", &["TCL", "VALUE", "PATH"]));
     }
-    Ok(word.into())
+    std::path::absolute(word).map_err(|e| CmdError::Posix {
+        prefix: format!("couldn't use path \"{word}\""),
+        errno: e.raw_os_error().unwrap_or(libc::EINVAL),
+    })
 }
 
 /// A file mode in octal, as `file attributes -permissions` takes one (0600, 600 or 0o600).

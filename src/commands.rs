@@ -183,7 +183,16 @@ fn server(state: &mut InterpState, rest: &[&str]) -> CmdResult<Obj> {
         config.address = bound;
     }
     let port = config.address.port();
-    if port != 0 && state.server(port).is_some_and(Server::is_owner) {
+    if let Some(served) = state.server(port).filter(|server| port != 0 && server.is_owner()) {
+        // Served already: the same call again is answered with the port, as socketservtcl
+        // did; one that asks for another named socket cannot be.
+        if config.path.is_some() && config.path != served.config.path {
+            let now = served.config.path.as_ref().map_or_else(|| "no -path".into(), |p| format!("-path {}", p.display()));
+            return Err(CmdError::new(
+                format!("port {port} is already served here, with {now}"),
+                &["SOCKETSERVER", "SERVED", &port.to_string()],
+            ));
+        }
         return Ok(Obj::int(port.into()));
     }
     let server = Server::start(config).map_err(|e| posix("couldn't open socket", e))?;
@@ -362,6 +371,12 @@ fn refused(server: &str, why: Refusal) -> CmdError {
 
 fn close(state: &mut InterpState, port: u16) -> CmdResult<Obj> {
     let Some(at) = state.servers.iter().position(|(p, _)| *p == port) else {
+        // A worker registered by path only: it leaves the server (what the dispatcher had sent
+        // it goes to another worker).
+        if state.slots.get(&port).is_some_and(|slot| slot.path.is_some()) {
+            state.remove_slot(port);
+            return Ok(Obj::string(""));
+        }
         return Err(CmdError::no_server(port));
     };
     state.remove_slot(port);
@@ -460,11 +475,8 @@ pub fn info_command(cell: &StateCell, words: &[String]) -> CmdResult<Obj> {
         return Err(CmdError::no_server(port));
     }
     let owner = server.filter(|server| server.is_owner());
-    let path = match (owner, slot) {
-        (Some(server), _) => server.config.path.clone(),
-        (None, Some(slot)) => slot.path.clone(),
-        (None, None) => None,
-    };
+    // A forked worker's copy of the server knows the path too.
+    let path = server.and_then(|server| server.config.path.clone()).or_else(|| slot.and_then(|slot| slot.path.clone()));
     let mut dict: Vec<(&str, Obj)> = vec![
         ("port", Obj::int(port.into())),
         ("role", Obj::string(if owner.is_some() { "server" } else { "worker" })),
