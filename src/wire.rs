@@ -39,6 +39,9 @@ pub const VERSION: u8 = 1;
 
 /// Longest message: a hand-back with an IPv6 peer (1 + 1 + 2 + 16).
 pub const MAX_MESSAGE: usize = 20;
+/// The longest registration of any version (a dispatcher reads this much, to answer one of a
+/// later version with the version it speaks).
+pub const MAX_REGISTRATION: usize = 256;
 
 /// What a peer address that cannot be read is reported as: 0.0.0.0 port 0.
 pub const UNKNOWN_PEER: SocketAddr = SocketAddr::V4(SocketAddrV4::new(Ipv4Addr::UNSPECIFIED, 0));
@@ -58,6 +61,14 @@ pub fn encode_registration(registration: Registration) -> [u8; 6] {
 pub fn decode_registration(bytes: &[u8]) -> Option<Registration> {
     match bytes {
         [REGISTER, version, a, b, c, d] => Some(Registration { version: *version, pid: i32::from_le_bytes([*a, *b, *c, *d]) }),
+        _ => None,
+    }
+}
+
+/// The version a registration of any version speaks: every version starts `W`, version byte.
+pub fn registration_version(bytes: &[u8]) -> Option<u8> {
+    match bytes {
+        [REGISTER, version, ..] => Some(*version),
         _ => None,
     }
 }
@@ -218,6 +229,14 @@ pub(crate) mod tests {
             let len = (self.next() % (max_len as u64 + 1)) as usize;
             (0..len).map(|_| self.next() as u8).collect()
         }
+    }
+
+    #[test]
+    fn every_registration_tells_its_version_in_its_second_byte() {
+        assert_eq!(registration_version(&encode_registration(Registration { version: VERSION, pid: 7 })), Some(VERSION));
+        assert_eq!(registration_version(b"W\x09 and whatever a later version adds"), Some(9));
+        assert_eq!(registration_version(b"W"), None);
+        assert_eq!(registration_version(b"R\x01"), None);
     }
 
     #[test]

@@ -576,6 +576,7 @@ impl Dispatcher {
                 }
                 Incoming::Malformed => self.refused += 1,
                 Incoming::Registration(registration, fds, short) => self.register(registration, fds, short, true),
+                Incoming::OtherVersion(link) => self.refuse_version(link, true),
             }
             self.take_reserve();
         }
@@ -600,8 +601,12 @@ impl Dispatcher {
             Incoming::Registration(registration, fds, short) => {
                 self.register(registration, fds, short, pending.permitted);
             }
+            Incoming::OtherVersion(link) => self.refuse_version(link, pending.permitted),
             // Closed, empty or malformed: nothing to answer.
-            _ => self.refused += 1,
+            _ => {
+                self.refused += 1;
+                self.denied += u64::from(!pending.permitted);
+            }
         }
         self.take_reserve();
     }
@@ -664,6 +669,20 @@ impl Dispatcher {
             && self.epoll.add(worker.mailbox.as_fd(), EpollEvent::new(EpollFlags::EPOLLIN, mailbox_token)).is_ok();
         if !added {
             self.remove_worker(slot);
+        }
+    }
+
+    /// Answers a registration of another version with the version spoken here (or, from a
+    /// process that may not register, with that), on its link if that is a socket of the kind
+    /// every version's link is (and not one of ours).
+    fn refuse_version(&mut self, link: ParentOnlyFd, permitted: bool) {
+        self.refused += 1;
+        self.denied += u64::from(!permitted);
+        let refusal = if permitted { Refusal::Version(wire::VERSION) } else { Refusal::NotPermitted };
+        let id = fdpass::identity(link.as_fd());
+        if id.is_some() && !self.own_sockets.contains(&id) && fdpass::is_unix_seqpacket(link.as_fd()) {
+            let (bytes, len) = wire::encode_answer(Answer::Refused(refusal));
+            let _ = fdpass::send_message(link.as_fd(), &bytes[..len]);
         }
     }
 
@@ -779,13 +798,16 @@ enum Incoming {
     Malformed,
     /// A registration with its three fds; true if the process has no fds to spare for it.
     Registration(Registration, [ParentOnlyFd; 3], bool),
+    /// A registration of another version, whatever its length: the fd it sent first, where
+    /// every version takes its answer.
+    OtherVersion(ParentOnlyFd),
 }
 
 /// Receives one registration from `sock`. Out of fds, a registration would arrive without them
 /// (the kernel closes what does not fit) and could not even be refused: the reserve is freed for
 /// it, and the caller takes it back after.
 fn receive_registration(sock: BorrowedFd, reserve: &mut Vec<ParentOnlyFd>) -> Incoming {
-    let mut buf = [0u8; MAX_MESSAGE];
+    let mut buf = [0u8; wire::MAX_REGISTRATION];
     let section = CreateSection::enter();
     // (Inside the section: a fork must not catch the probes.)
     let short = !fdpass::has_free_fds(sock, fdpass::MAX_FDS);
@@ -796,9 +818,16 @@ fn receive_registration(sock: BorrowedFd, reserve: &mut Vec<ParentOnlyFd>) -> In
         Ok(Received::Message(len, fds)) => {
             let fds: Option<Vec<ParentOnlyFd>> =
                 fds.into_iter().map(|fd| section.adopt(fdpass::above_select_range(fd)).ok()).collect();
-            let fds = fds.and_then(|fds| <[ParentOnlyFd; 3]>::try_from(fds).ok());
+            let other_version = wire::registration_version(&buf[..len]).is_some_and(|v| v != wire::VERSION);
             match (wire::decode_registration(&buf[..len]), fds) {
-                (Some(registration), Some(fds)) => Incoming::Registration(registration, fds, short),
+                (_, Some(fds)) if other_version => match fds.into_iter().next() {
+                    Some(link) => Incoming::OtherVersion(link),
+                    None => Incoming::Malformed,
+                },
+                (Some(registration), Some(fds)) => match <[ParentOnlyFd; 3]>::try_from(fds) {
+                    Ok(fds) => Incoming::Registration(registration, fds, short),
+                    Err(_) => Incoming::Malformed,
+                },
                 _ => Incoming::Malformed,
             }
         }

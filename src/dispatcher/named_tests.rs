@@ -58,10 +58,21 @@ fn a_registration_of_another_version_is_refused_with_the_version_spoken() {
     let server = start_at(&path);
     let other = wire::encode_registration(wire::Registration { version: 2, pid: std::process::id() as i32 });
     assert_eq!(register_by_hand(&path, &other), Some(wire::Answer::Refused(Refusal::Version(wire::VERSION))));
+    // A later version may change the length and the fds after the first (its link): still
+    // answered, on that link.
+    for fds in 1..=3 {
+        let conn = named::connect(&path, 5 * SECOND).unwrap();
+        let (link, dispatcher_link) = fdpass::seqpacket_pair().unwrap();
+        let (extra, _extra_peer) = fdpass::seqpacket_pair().unwrap();
+        let sent = [dispatcher_link.as_fd(), extra.as_fd(), extra.as_fd()];
+        fdpass::send_with_fds(conn.as_fd(), b"W\x02 a longer registration", &sent[..fds]).unwrap();
+        drop(dispatcher_link);
+        assert_eq!(answer(&link), Some(wire::Answer::Refused(Refusal::Version(wire::VERSION))), "with {fds} fds");
+    }
     let accepted = register_by_hand(&path, &registration(std::process::id() as i32));
     assert_eq!(accepted, Some(wire::Answer::Accepted { version: wire::VERSION, port: server.address.port() }));
     let snap = server.snapshot().unwrap();
-    assert_eq!((snap.refused, snap.denied), (1, 0));
+    assert_eq!((snap.refused, snap.denied), (4, 0));
 }
 
 #[test]
