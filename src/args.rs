@@ -269,7 +269,9 @@ pub fn parse_client(args: &[&str]) -> CmdResult<ClientArgs> {
             "-path" => ClientTarget::Path(parse_path(pair[1])?),
             _ => ClientTarget::Port(parse_port(pair[1])?),
         };
-        if parsed.target != ClientTarget::Default {
+        // Given twice, the last one counts, as with Tcl's own options.
+        let other_kind = std::mem::discriminant(&parsed.target) != std::mem::discriminant(&target);
+        if parsed.target != ClientTarget::Default && other_kind {
             return Err(CmdError::new("\"-port\" and \"-path\" cannot be used together", &["SOCKETSERVER", "CLIENT", "CONFLICT"]));
         }
         parsed.target = target;
@@ -558,6 +560,7 @@ mod tests {
             "\"-port\" and \"-path\" cannot be used together"
         );
         assert_eq!(text(parse_client(&["-path", "", "h"]).unwrap_err()), "expected a path but got \"\"");
+        assert_eq!(parse_client(&["-port", "1", "-port", "2", "h"]).unwrap().target, ClientTarget::Port(2));
         for wrong in [&[][..], &["-port"], &["a", "b"], &["-port", "80"]] {
             assert_eq!(parse_client(wrong), Err(CmdError::WrongArgs { words: 2, usage: CLIENT_USAGE }));
         }

@@ -257,10 +257,10 @@ fn client(
     handler: Obj,
     on_close: Option<Obj>,
 ) -> CmdResult<Obj> {
-    for prefix in [Some(&handler), on_close.as_ref()].into_iter().flatten() {
-        if !prefix.is_list(state.interp) {
+    for (what, prefix) in [("handler", Some(&handler)), ("-onclose command", on_close.as_ref())] {
+        if prefix.is_some_and(|prefix| !prefix.is_list(state.interp)) {
             return Err(CmdError::new(
-                format!("handler is not a valid command prefix: \"{}\"", prefix.to_string_lossy()),
+                format!("{what} is not a valid command prefix: \"{}\"", prefix.map(Obj::to_string_lossy).unwrap_or_default()),
                 &["SOCKETSERVER", "HANDLER"],
             ));
         }
@@ -570,15 +570,7 @@ fn deliver(cell: &StateCell, port: u16) {
                 return;
             }
             // The server has closed: armed workers are simply never called; -onclose is.
-            _ => {
-                let on_close = slot.on_close.take();
-                state.remove_slot(port);
-                drop(state);
-                if let Some(on_close) = on_close.filter(|_| !ffi::interp_deleted(interp)) {
-                    ffi::call_in_background(interp, &on_close, &[]);
-                }
-                return;
-            }
+            _ => return server_closed(state, port),
         }
     };
     // No borrow is held from here on: the handler may call any of our commands.
@@ -628,9 +620,20 @@ unsafe extern "C" fn arm_when_an_fd_is_free(data: ClientData) {
             return schedule_retry(slot);
         }
         if slot.link.arm().is_err() {
-            state.remove_slot(port); // the server has closed
+            server_closed(state, port);
         }
     });
+}
+
+/// The server of a slot has closed: forgets the slot and calls its `-onclose` command.
+fn server_closed(mut state: std::cell::RefMut<InterpState>, port: u16) {
+    let interp = state.interp;
+    let on_close = state.slots.get_mut(&port).and_then(|slot| slot.on_close.take());
+    state.remove_slot(port);
+    drop(state);
+    if let Some(on_close) = on_close.filter(|_| !ffi::interp_deleted(interp)) {
+        ffi::call_in_background(interp, &on_close, &[]);
+    }
 }
 
 /// `::socketserver::fork`
