@@ -49,7 +49,8 @@ needs=(
     "apache2-utils  cmd:ab"          # load in the pool tests; the benchmark
     "valgrind       cmd:valgrind"    # signals.test: trap scripts that delete interps, checked for reads of freed memory
     "wrk            cmd:wrk"         # park.test (keep-alive load on the example); the benchmark
-    "python3        cmd:python3"     # park.test: 10,000 connections without Tcl's bind() per socket
+    "python3        cmd:python3"     # park.test: 10,000 connections without Tcl's bind() per socket; python.test: examples/worker.py
+    "util-linux     cmd:setpriv"     # path.test: a registration from a process of another uid
     "systemd        cmd:systemd-socket-activate"  # activate.test: a real service manager passing a socket
     "haproxy        cmd:haproxy"     # agent.test, proxy.test: HAProxy in front (agent-check, send-proxy); the PROXY bench row
     "nginx          cmd:nginx"       # proxy.test: nginx stream in front (proxy_protocol on)
