@@ -58,6 +58,13 @@ pub(super) fn open_fds() -> usize {
     std::fs::read_dir("/proc/self/fd").unwrap().count()
 }
 
+/// This process's resident set size in KiB (VmRSS).
+pub(super) fn rss_kib() -> u64 {
+    let status = std::fs::read_to_string("/proc/self/status").unwrap();
+    let line = status.lines().find(|line| line.starts_with("VmRSS:")).expect("VmRSS in /proc/self/status");
+    line.split_whitespace().nth(1).unwrap().parse().unwrap()
+}
+
 /// CPU time (clock ticks) used so far by this process's dispatcher thread.
 pub(super) fn dispatcher_cpu_ticks(server: &Server) -> u64 {
     // Answered: the thread runs, so it has named itself.

@@ -1,7 +1,7 @@
 //! Tests of the named registration socket (`-path`): registering through it, what the answer
 //! says, silent and hostile connections to it.
 
-use super::hostile::{answer, dispatcher_cpu_ticks, in_own_process, open_fds, random_message, registration, serves, tcp_pair};
+use super::hostile::{answer, dispatcher_cpu_ticks, in_own_process, open_fds, random_message, registration, rss_kib, serves, tcp_pair};
 use super::pending::CAPACITY;
 use super::tests::wait_for;
 use super::*;
@@ -104,8 +104,14 @@ fn a_fuzzed_named_socket_leaves_the_dispatcher_serving_idle_and_without_leaked_f
     // A guard against a hang, not a speed target.
     let deadline = Instant::now() + 45 * SECOND;
     let mut left_open = Vec::new();
+    // Memory the first rounds take (allocator arenas, the test's own) stays; later rounds must
+    // add next to nothing to it.
+    let mut warm_rss = 0;
     for round in 0..2000 {
         assert!(Instant::now() < deadline, "the fuzzing took too long (round {round})");
+        if round == 500 {
+            warm_rss = rss_kib();
+        }
         let (sp, _sp_peer) = fdpass::seqpacket_pair().unwrap();
         let (us, _us_peer) = std::os::unix::net::UnixStream::pair().unwrap();
         let (_c, tcp) = tcp_pair(&server);
@@ -138,6 +144,9 @@ fn a_fuzzed_named_socket_leaves_the_dispatcher_serving_idle_and_without_leaked_f
         std::thread::sleep(Duration::from_millis(5));
     }
     assert_eq!(open_fds(), before, "fds leaked");
+    let grown = rss_kib().saturating_sub(warm_rss);
+    eprintln!("RSS after 500 rounds {warm_rss} KiB, grown by {grown} KiB in 1500 more");
+    assert!(grown < 2048, "RSS grew by {grown} KiB in 1500 rounds of junk");
     let ticks = dispatcher_cpu_ticks(&server);
     std::thread::sleep(SECOND / 2);
     let spent = dispatcher_cpu_ticks(&server) - ticks;
