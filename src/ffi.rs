@@ -881,6 +881,32 @@ pub fn unset_env(interp: *mut Tcl_Interp, name: &str) {
     unsafe { crate::tcl_stubs::Tcl_UnsetVar2(interp, c"env".as_ptr(), name.as_ptr(), crate::tcl_stubs::TCL_GLOBAL_ONLY as c_int) };
 }
 
+/// The key-value pairs of a dict value, keys unique, as `dict` reads it; a value that is no dict
+/// gives Tcl's own message (`missing value to go with key`), errorCode `TCL VALUE DICTIONARY`.
+pub fn dict_pairs(interp: *mut Tcl_Interp, dict: &Obj) -> Result<Vec<(Obj, Obj)>, CmdError> {
+    let mut size: c_int = 0;
+    // SAFETY: interp is the caller's live interp; dict is live; Tcl leaves a message in the
+    // interp's result on failure, which we copy at once.
+    if unsafe { crate::tcl_stubs::Tcl_DictObjSize(interp, dict.as_ptr(), &mut size) } != TCL_OK {
+        // SAFETY: as above; the result object is live until the interp's result changes.
+        let message = unsafe { Obj::from_ptr(crate::tcl_stubs::Tcl_GetObjResult(interp)) }.to_string_lossy();
+        return Err(CmdError::new(message, &["TCL", "VALUE", "DICTIONARY"]));
+    }
+    let mut count: c_int = 0;
+    let mut elements: *mut *mut Tcl_Obj = std::ptr::null_mut();
+    // SAFETY: a dict is a valid list (its pairs, keys unique), so this cannot fail; Tcl gives us a
+    // pointer to count live elements, each of which we take a reference to before anything can
+    // change the list.
+    let pairs = unsafe {
+        if crate::tcl_stubs::Tcl_ListObjGetElements(std::ptr::null_mut(), dict.as_ptr(), &mut count, &mut elements) != TCL_OK {
+            return Err(CmdError::new("a dict that is no list", &["TCL", "VALUE", "DICTIONARY"]));
+        }
+        let elements = std::slice::from_raw_parts(elements, count.max(0) as usize);
+        elements.chunks_exact(2).map(|pair| (Obj::from_ptr(pair[0]), Obj::from_ptr(pair[1]))).collect()
+    };
+    Ok(pairs)
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;

@@ -15,6 +15,7 @@ mod named;
 mod notifier;
 mod process;
 mod proxy;
+mod spawn;
 mod sys;
 mod tcl_stubs;
 mod wire;
@@ -35,6 +36,7 @@ const KILL_COMMAND: &CStr = c"::socketserver::kill";
 const TRAP_COMMAND: &CStr = c"::socketserver::trap";
 const ONCLOSE_COMMAND: &CStr = c"::socketserver::onclose";
 const NOTIFIER_COMMAND: &CStr = c"::socketserver::notifier";
+const SPAWN_COMMAND: &CStr = c"::socketserver::spawn";
 /// The key of the per-interp state in the interp's assoc data.
 const STATE_KEY: &CStr = c"socketserver";
 
@@ -76,6 +78,7 @@ pub unsafe extern "C" fn Socketserver_Init(interp: *mut Tcl_Interp) -> c_int {
         ffi::create_command(interp, TRAP_COMMAND, Some(trap_proc), state);
         ffi::create_command(interp, ONCLOSE_COMMAND, Some(onclose_proc), state);
         ffi::create_command(interp, NOTIFIER_COMMAND, Some(notifier_proc), state);
+        ffi::create_command(interp, SPAWN_COMMAND, Some(spawn_proc), state);
         let version = CString::new(env!("CARGO_PKG_VERSION")).expect("no NUL in a version");
         crate::tcl_stubs::Tcl_PkgProvideEx(interp, PACKAGE.as_ptr(), version.as_ptr(), std::ptr::null_mut())
     }
@@ -140,3 +143,8 @@ command_proc!(kill_proc, |_, _, words| commands::kill_command(words));
 command_proc!(trap_proc, commands::trap_command);
 command_proc!(onclose_proc, commands::onclose_command);
 command_proc!(notifier_proc, |cell, _, words| commands::notifier_command(cell, words));
+
+/// `spawn` needs no state, but the interp (to read its `-env` dict as Tcl does).
+unsafe extern "C" fn spawn_proc(_state: ClientData, interp: *mut Tcl_Interp, objc: c_int, objv: *const *mut Tcl_Obj) -> c_int {
+    ffi::trampoline(interp, objc, objv, || spawn::spawn_command(interp, &ffi::objects(objc, objv)))
+}

@@ -102,6 +102,7 @@ stub_functions! {
     Tcl_DeleteThreadExitHandler = tcl_DeleteThreadExitHandler(proc_: Tcl_ExitProc, client_data: ClientData);
     Tcl_DeleteFileHandler = tcl_DeleteFileHandler(fd: c_int);
     Tcl_DeleteTimerHandler = tcl_DeleteTimerHandler(token: Tcl_TimerToken);
+    Tcl_DictObjSize = tcl_DictObjSize(interp: *mut Tcl_Interp, dict: *mut Tcl_Obj, size_ptr: *mut c_int) -> c_int;
     Tcl_DontCallWhenDeleted = tcl_DontCallWhenDeleted(interp: *mut Tcl_Interp, proc_: Tcl_InterpDeleteProc, client_data: ClientData);
     Tcl_DuplicateObj = tcl_DuplicateObj(obj: *mut Tcl_Obj) -> *mut Tcl_Obj;
     Tcl_EvalObjEx = tcl_EvalObjEx(interp: *mut Tcl_Interp, obj: *mut Tcl_Obj, flags: c_int) -> c_int;

@@ -1,9 +1,12 @@
 # Worker pools that run themselves: ::socketserver::pool create ... returns an object command.
 #
 # The serving process is the monitor. It forks the workers (with ::socketserver::fork, so no
-# Tclx is needed), replaces those that die (SIGCHLD, trapped with ::socketserver::trap), retires
-# and replaces them after -maxconnections, resizes, reloads and stops without dropping a
-# connection. It never serves connections itself.
+# Tclx is needed), or, with -exec, starts each as a program of its own (::socketserver::spawn)
+# that registers at the server's -path; it replaces those that die (SIGCHLD, trapped with
+# ::socketserver::trap), retires and replaces them after -maxconnections, resizes, reloads and
+# stops without dropping a connection. It never serves connections itself. Both kinds take the
+# same paths: only how a worker is started (Spawn) and how the monitor learns that it has
+# registered (a pipe for forked workers, the dispatcher's list for exec'd ones: see Tick) differ.
 #
 # A worker takes one connection at a time and asks for the next when the previous channel has
 # closed (::socketserver::onclose), so both synchronous and fileevent-driven handlers work without
@@ -21,35 +24,57 @@ namespace eval ::socketserver::pool {
     variable running {}    ;# pools not yet stopped, all served by one SIGCHLD trap
     variable options {-port -workers -init -maxconnections -timeout -grace -log -signals -notifier
                       -restartdelay -maxrestartdelay
-                      -draintime}
-    namespace export create
-    namespace ensemble create -subcommands {create}
+                      -draintime -exec}
+    variable workeroptions {-path -maxconnections -notifier}
+    namespace export create worker
+    namespace ensemble create -subcommands {create worker}
 }
 
 # Usage: ::socketserver::pool create ?-option value ...? handler
+#        ::socketserver::pool create -exec command ?-option value ...?
 proc ::socketserver::pool::create {args} {
     variable counter
-    if {[llength $args] % 2 == 0} {
+    variable options
+    # Without -exec the last word is the handler; an -exec pool's workers bring their own.
+    if {[llength $args] % 2 == 0 && ![Given -exec $args]} {
         return -code error -errorcode {TCL WRONGARGS} \
-            "wrong # args: should be \"::socketserver::pool create ?-port port? ?-workers n? ?-init script? ?-maxconnections n? ?-timeout ms? ?-grace ms? ?-log command? ?-signals bool? ?-notifier poll|tcl? ?-restartdelay ms? ?-maxrestartdelay ms? ?-draintime ms? handler\""
+            "wrong # args: should be \"::socketserver::pool create ?-port port? ?-workers n? ?-init script? ?-maxconnections n? ?-timeout ms? ?-grace ms? ?-log command? ?-signals bool? ?-notifier poll|tcl? ?-restartdelay ms? ?-maxrestartdelay ms? ?-draintime ms? handler\" or \"::socketserver::pool create -exec command ?-option value ...?\""
     }
-    set handler [lindex $args end]
-    # Checked here, once, rather than failing later in every worker.
-    CheckPrefix handler $handler
+    if {[llength $args] % 2} {
+        set handler [lindex $args end]
+        set words [lrange $args 0 end-1]
+        if {[Given -exec $words]} {
+            return -code error -errorcode {SOCKETSERVER POOL CONFLICT} \
+                "a handler cannot be used with \"-exec\": the program serves the connections"
+        }
+        # Checked here, once, rather than failing later in every worker.
+        CheckPrefix handler $handler
+    } else {
+        set handler {}
+        set words $args
+    }
     set config [dict create -port {} -workers 4 -init {} -maxconnections 0 -timeout 0 \
                     -grace 5000 -log [list ::socketserver::pool::LogToStderr] -signals 0 \
-                    -notifier poll -restartdelay 1000 -maxrestartdelay 60000 -draintime 3000]
-    set config [ParseOptions $config [lrange $args 0 end-1]]
+                    -notifier poll -restartdelay 1000 -maxrestartdelay 60000 -draintime 3000 \
+                    -exec {}]
+    set config [ParseOptions $config $words]
+    CheckKind [expr {$handler eq {}}] [dict keys [FullOptions $words]]
     if {[dict get $config -port] eq {}} {
         dict set config -port [dict get [::socketserver::info] port]
     } else {
         ::socketserver::info [dict get $config -port] ;# errors if the port is not served here
     }
+    set port [dict get $config -port]
+    if {$handler eq {} && [dict get [::socketserver::info $port] path] eq {}} {
+        return -code error -errorcode {SOCKETSERVER POOL NOPATH} \
+            "port $port has no registration path: an -exec pool needs a server opened with -path"
+    }
     set name ::socketserver::pool::pool[incr counter]
     namespace eval $name {
         variable config
         variable handler
-        variable workers [dict create] ;# pid -> {started ms role new|old|retiring registered 0|1}
+        # pid -> {started ms role new|old|retiring registered 0|1 max -maxconnections}
+        variable workers [dict create]
         variable totals [dict create respawned 0 recycled 0 timeouts 0 reloads 0]
         variable counts [dict create accepted 0 delivered 0 parked 0 parkedtotal 0 handedback 0 \
                              closedidle 0 closedheader 0 closedpeer 0 evicted 0 draining 0]
@@ -59,6 +84,9 @@ proc ::socketserver::pool::create {args} {
         # Failed starts in a row, the timer of the delayed start they caused and its delay (ms)
         # (see FailedStart).
         variable failedstarts 0
+        # Whether a worker of the pool has been seen registered since -exec last changed: the
+        # program can register (see Reap).
+        variable proven 0
         variable restart {}
         variable backoff 0
         # While a reload runs: {fresh pids failed 0|1 pending 0|1} (see Reload).
@@ -89,35 +117,59 @@ proc ::socketserver::pool::create {args} {
     return $name
 }
 
-# Raises a clear error unless value is a non-empty list (a command prefix called with {*}).
+# Raises a clear error unless value is a valid list (a command prefix called with {*}), and a
+# non-empty one for the handler and -exec.
 proc ::socketserver::pool::CheckPrefix {what value} {
     if {[catch {llength $value} n options]} {
         return -code error -errorcode [dict get $options -errorcode] \
             "bad $what \"$value\": not a valid command prefix ($n)"
     }
-    if {$what eq "handler" && $n == 0} {
-        return -code error -errorcode {TCL VALUE LIST} "bad handler \"\": empty command prefix"
+    if {$what in {handler "-exec command"} && $n == 0} {
+        return -code error -errorcode {TCL VALUE LIST} "bad $what \"\": empty command prefix"
+    }
+}
+
+# A pool is forked (exec 0) or exec'd (exec 1) for good: the options of the other kind, given at
+# create or configure, are refused.
+proc ::socketserver::pool::CheckKind {exec given} {
+    set conflicting [expr {$exec ? {-init -notifier} : {-exec}}]
+    foreach option $given {
+        if {$option in $conflicting} {
+            return -code error -errorcode {SOCKETSERVER POOL CONFLICT} [expr {$exec
+                ? "\"$option\" cannot be used with \"-exec\": the program loads its own code"
+                : "\"-exec\" can only be changed in a pool created with \"-exec\""}]
+        }
     }
 }
 
 # The option a word names: the option itself or a unique prefix of it, as with Tcl's own
 # commands (and the same errors: bad or ambiguous option, TCL LOOKUP INDEX option).
-proc ::socketserver::pool::Option {word} {
-    variable options
-    return [tcl::prefix match -message option $options $word]
+proc ::socketserver::pool::Option {word {table options}} {
+    variable $table
+    return [tcl::prefix match -message option [set $table] $word]
 }
 
 # -option value ... with every option spelled out.
-proc ::socketserver::pool::FullOptions {words} {
+proc ::socketserver::pool::FullOptions {words {table options}} {
     set full {}
     foreach {option value} $words {
-        lappend full [Option $option] $value
+        lappend full [Option $option $table] $value
     }
     return $full
 }
 
-proc ::socketserver::pool::ParseOptions {config words} {
-    foreach {option value} [FullOptions $words] {
+# Whether the words (-option value ...) set option; bad options are left for the parser.
+proc ::socketserver::pool::Given {option words} {
+    foreach {word value} $words {
+        if {![catch {Option $word} full] && $full eq $option} {
+            return 1
+        }
+    }
+    return 0
+}
+
+proc ::socketserver::pool::ParseOptions {config words {table options}} {
+    foreach {option value} [FullOptions $words $table] {
         switch -- $option {
             -workers - -maxconnections - -timeout - -grace - -restartdelay - -maxrestartdelay - -draintime {
                 if {![string is entier -strict $value] || $value < 0} {
@@ -133,6 +185,9 @@ proc ::socketserver::pool::ParseOptions {config words} {
             }
             -log {
                 CheckPrefix "-log command" $value
+            }
+            -exec {
+                CheckPrefix "-exec command" $value
             }
             -notifier {
                 if {$value ni {poll tcl}} {
@@ -174,7 +229,12 @@ proc ::socketserver::pool::Dispatch {name method words} {
                     return -code error -errorcode {SOCKETSERVER POOL READONLY} "option \"$option\" can only be set at create"
                 }
             }
-            set ${name}::config [ParseOptions [set ${name}::config] $words]
+            set config [ParseOptions [set ${name}::config] $words]
+            CheckKind [expr {[dict get [set ${name}::config] -exec] ne {}}] [dict keys $words]
+            if {[dict get $config -exec] ne [dict get [set ${name}::config] -exec]} {
+                set ${name}::proven 0
+            }
+            set ${name}::config $config
             if {[dict exists $words -workers]} {
                 Resize $name [dict get $words -workers]
             }
@@ -242,7 +302,7 @@ proc ::socketserver::pool::Active {name} {
     return $active
 }
 
-# Forks workers until the pool has its size.  The refill after a worker ended (auto) waits while
+# Starts workers until the pool has its size.  The refill after a worker ended (auto) waits while
 # a failed start has delayed the next one; an operator's (create, resize, reload) starts at once.
 proc ::socketserver::pool::Refill {name {auto 0}} {
     upvar #0 ${name}::stopping stopping ${name}::restart restart ${name}::backoff backoff
@@ -255,7 +315,8 @@ proc ::socketserver::pool::Refill {name {auto 0}} {
     set want [dict get [set ${name}::config] -workers]
     for {set have [llength [Active $name]]} {$have < $want} {incr have} {
         if {[catch {Spawn $name} error]} {
-            FailedStart $name "cannot fork a worker: $error"
+            set how [expr {[dict get [set ${name}::config] -exec] eq {} ? "fork" : "start"}]
+            FailedStart $name "cannot $how a worker: $error"
             return
         }
     }
@@ -280,6 +341,17 @@ proc ::socketserver::pool::FailedStart {name why} {
 }
 
 proc ::socketserver::pool::Spawn {name} {
+    set config [set ${name}::config]
+    set pid [expr {[dict get $config -exec] eq {} ? [Fork $name] : [Exec $name]}]
+    dict set ${name}::workers $pid [dict create started [clock milliseconds] role new registered 0 \
+                                        max [dict get $config -maxconnections]]
+    if {[dict get $config -exec] ne {}} {
+        Hurry $name ;# to see it register soon (see Tick)
+    }
+    return $pid
+}
+
+proc ::socketserver::pool::Fork {name} {
     # Output still buffered in the monitor would be written once more by the child.
     foreach chan [chan names] {
         catch {flush $chan}
@@ -290,23 +362,47 @@ proc ::socketserver::pool::Spawn {name} {
         catch {WorkerMain $name}
         exit 1
     }
-    dict set ${name}::workers $pid [dict create started [clock milliseconds] role new registered 0]
     return $pid
+}
+
+# Starts -exec's program, which registers at the server's path itself; the environment tells it
+# where and how many connections to take (see `pool worker`, examples/worker.py).
+proc ::socketserver::pool::Exec {name} {
+    set config [set ${name}::config]
+    set port [dict get $config -port]
+    set env [dict create SOCKETSERVER_PATH [dict get [::socketserver::info $port] path] \
+                 SOCKETSERVER_PORT $port SOCKETSERVER_MAXCONNECTIONS [dict get $config -maxconnections]]
+    return [::socketserver::spawn -env $env -- {*}[dict get $config -exec]]
 }
 
 # The started pipe is readable: workers that have registered with the dispatcher wrote their pid.
 proc ::socketserver::pool::Started {name} {
-    upvar #0 ${name}::workers workers ${name}::failedstarts failedstarts
     set chan [lindex [set ${name}::started] 0]
     while {[gets $chan pid] >= 0} {
-        if {![dict exists $workers $pid]} {
-            continue ;# not ours (a worker writes nothing else): ignore
-        }
-        dict set workers $pid registered 1
-        if {$failedstarts > 0} {
-            Log $name "worker $pid started after $failedstarts failed starts"
-            set failedstarts 0
-        }
+        Registered $name $pid
+    }
+}
+
+# Worker pid has registered with the dispatcher (the pool has seen it): a run of failed starts
+# ends. Pids not the pool's are ignored.
+proc ::socketserver::pool::Registered {name pid} {
+    upvar #0 ${name}::workers workers ${name}::failedstarts failedstarts
+    if {![dict exists $workers $pid] || [dict get $workers $pid registered]} {
+        return
+    }
+    dict set workers $pid registered 1
+    set ${name}::proven 1
+    if {$failedstarts > 0} {
+        Log $name "worker $pid started after $failedstarts failed starts"
+        set failedstarts 0
+    }
+}
+
+# Every pid the dispatcher lists as registered (info's `workers`) that is the pool's. An exec'd
+# worker has no pipe to say so: this is how the monitor learns it (see Tick).
+proc ::socketserver::pool::Listed {name info} {
+    foreach pid [dict get $info workers] {
+        Registered $name $pid
     }
 }
 
@@ -469,13 +565,22 @@ proc ::socketserver::pool::Stop {name grace} {
     set ${name}::restart {}
     set ${name}::backoff 0
     set port [dict get [set ${name}::config] -port]
-    if {[Drain $name]} {
-        ServeBacklog $name
+    # The port is closed with the last pool on it: another pool's workers go on serving it.
+    set others [lmap other [Running] {
+        expr {$other ne $name && [dict get [set ${other}::config] -port] == $port ? $other : [continue]}
+    }]
+    if {[llength $others]} {
+        Log $name "stopping: the port stays open for [join $others {, }]; waiting up to $grace ms for busy workers"
+        Stats $name
+    } else {
+        if {[Drain $name]} {
+            ServeBacklog $name
+        }
+        Log $name "stopping: no new connections; waiting up to $grace ms for busy workers"
+        Stats $name ;# keeps the server's last counts for stats after the stop
+        catch {::socketserver::socket close $port}
+        dict set ${name}::counts parked 0 ;# closing the server closed them
     }
-    Log $name "stopping: no new connections; waiting up to $grace ms for busy workers"
-    Stats $name ;# keeps the server's last counts for stats after the stop
-    catch {::socketserver::socket close $port}
-    dict set ${name}::counts parked 0 ;# closing the server closed them
     set pids [dict keys [set ${name}::workers]]
     foreach pid $pids {
         Retire $name $pid
@@ -561,6 +666,12 @@ proc ::socketserver::pool::SignalPools {} {
     lmap name $running {expr {[dict get [set ${name}::config] -signals] ? $name : [continue]}}
 }
 
+# The pools not yet stopped (nor stopping).
+proc ::socketserver::pool::Running {} {
+    variable running
+    lmap name $running {expr {[set ${name}::stopping] ? [continue] : $name}}
+}
+
 # SIGTERM and SIGINT stop, SIGHUP reloads, every pool created with -signals 1.
 proc ::socketserver::pool::OnSignal {signal} {
     foreach name [SignalPools] {
@@ -583,8 +694,12 @@ proc ::socketserver::pool::ReapAll {} {
 # SIGCHLD: reap every ended child of ours, say why it ended, and replace it.
 proc ::socketserver::pool::Reap {name} {
     upvar #0 ${name}::workers workers ${name}::reloading reloading
-    # A worker that registered just before it ended has said so: read that first.
+    # A worker that registered just before it ended has said so: read that first (an exec'd one
+    # may still be listed by the dispatcher).
     Started $name
+    if {![catch {::socketserver::info [dict get [set ${name}::config] -port]} info]} {
+        Listed $name $info
+    }
     # Only our own pids: waiting for any child would steal the ones `exec` waits for.
     foreach pid [dict keys $workers] {
         if {![dict exists $workers $pid]} {
@@ -606,11 +721,15 @@ proc ::socketserver::pool::Reap {name} {
             continue ;# retired on purpose
         }
         set why [expr {$how eq "EXIT" ? "exited with code $detail" : "was killed by $detail"}]
+        # An exec'd worker can register, serve its -maxconnections and exit between two looks at
+        # the dispatcher's list: its exit 0 is trusted once the program has shown it registers.
+        set done [expr {$how eq "EXIT" && $detail eq "0"}]
+        set trusted [expr {$done && [set ${name}::proven] && [dict get [set ${name}::config] -exec] ne {}}]
         # Killed from outside (an operator, -timeout) is not the worker's failure to start.
-        if {![dict get $worker registered] && $detail ni {SIGKILL SIGTERM}} {
+        if {![dict get $worker registered] && $detail ni {SIGKILL SIGTERM} && !$trusted} {
             dict incr ${name}::totals respawned
             FailedStart $name "worker $pid $why after $lifetime ms, before it registered"
-        } elseif {$how eq "EXIT" && $detail eq "0"} {
+        } elseif {$done} {
             dict incr ${name}::totals recycled
             Log $name "worker $pid retired after -maxconnections: replacing it"
             continue
@@ -625,21 +744,79 @@ proc ::socketserver::pool::Reap {name} {
     Refill $name 1
 }
 
-# Every 100 ms: enforce -timeout on busy workers.
+# Every 100 ms: notes which workers have registered, enforces -timeout on busy workers and, for
+# exec'd workers, -maxconnections (see Recycle). Every 10 ms while an exec'd worker is starting:
+# the dispatcher's list is the only sign that it has registered, and one that serves its
+# -maxconnections and exits between two looks would pass for a worker that failed to start.
 proc ::socketserver::pool::Tick {name} {
     set config [set ${name}::config]
     set timeout [dict get $config -timeout]
-    if {$timeout > 0 && ![catch {::socketserver::info [dict get $config -port]} info]} {
+    if {![catch {::socketserver::info [dict get $config -port]} info]} {
+        Listed $name $info
         dict for {pid status} [dict get $info status] {
-            if {[dict get $status state] eq "busy" && [dict get $status busy_ms] > $timeout
+            if {$timeout > 0 && [dict get $status state] eq "busy" && [dict get $status busy_ms] > $timeout
                     && [dict exists [set ${name}::workers] $pid]} {
                 Log $name "worker $pid busy for over $timeout ms: killing it"
                 dict incr ${name}::totals timeouts
                 catch {::socketserver::kill KILL $pid}
             }
         }
+        if {[dict get $config -exec] ne {}} {
+            Recycle $name $info
+        }
     }
-    set ${name}::tick [after 100 [list ::socketserver::pool::Tick $name]]
+    set ms [expr {[llength [Starting $name]] ? 10 : 100}]
+    set ${name}::tick [after $ms [list ::socketserver::pool::Tick $name]]
+}
+
+# The next Tick in 10 ms: an exec'd worker has just been started.
+proc ::socketserver::pool::Hurry {name} {
+    upvar #0 ${name}::tick tick
+    if {![set ${name}::stopping] && $tick ne {}} {
+        after cancel $tick
+        set tick [after 10 [list ::socketserver::pool::Tick $name]]
+    }
+}
+
+# The exec'd workers started in the last 10 s (as long as a reload waits for them) that have
+# not been seen registered.
+proc ::socketserver::pool::Starting {name} {
+    if {[dict get [set ${name}::config] -exec] eq {}} {
+        return {}
+    }
+    set since [expr {[clock milliseconds] - 10000}]
+    set starting {}
+    dict for {pid worker} [set ${name}::workers] {
+        if {![dict get $worker registered] && [dict get $worker role] ne "retiring"
+                && [dict get $worker started] > $since} {
+            lappend starting $pid
+        }
+    }
+    return $starting
+}
+
+# -maxconnections for exec'd workers. Each is told its limit (SOCKETSERVER_MAXCONNECTIONS) and
+# should exit 0 after it, as a forked one does; one that has taken that many connections (info's
+# `delivered`) and is not busy is retired: a program that ignores the variable is recycled too.
+proc ::socketserver::pool::Recycle {name info} {
+    upvar #0 ${name}::workers workers
+    set retired 0
+    dict for {pid status} [dict get $info status] {
+        if {![dict exists $workers $pid]} {
+            continue
+        }
+        set max [dict get $workers $pid max]
+        if {$max > 0 && [dict get $workers $pid role] eq "new" && [dict get $status delivered] >= $max
+                && [dict get $status state] ne "busy"} {
+            Log $name "worker $pid has taken its $max connections (-maxconnections): retiring it"
+            dict incr ${name}::totals recycled
+            Retire $name $pid
+            incr retired
+        }
+    }
+    if {$retired} {
+        Refill $name 1
+    }
 }
 
 proc ::socketserver::pool::Stats {name} {
@@ -675,8 +852,8 @@ proc ::socketserver::pool::Stats {name} {
 
 # ---- the worker side -------------------------------------------------------------------------
 
+# A forked worker (see Fork).
 proc ::socketserver::pool::WorkerMain {name} {
-    variable worker
     set config [set ${name}::config]
     # What the monitor had scheduled, trapped or opened is not the worker's business: its timers
     # and file events would run here too, and read what the monitor should.
@@ -707,8 +884,8 @@ proc ::socketserver::pool::WorkerMain {name} {
     ::socketserver::trap HUP {}
     ::socketserver::trap INT {#} ;# Ctrl-C reaches the whole process group: the monitor decides
     ::socketserver::trap TERM [list ::socketserver::pool::WorkerRetire]
-    set worker [dict create port [dict get $config -port] handler [set ${name}::handler] \
-                    max [dict get $config -maxconnections] served 0 busy 0 retiring 0]
+    WorkerInit [list ::socketserver::socket client -port [dict get $config -port]] \
+        [set ${name}::handler] [dict get $config -maxconnections]
     set code 0
     if {[catch {uplevel #0 [dict get $config -init]} error options]} {
         Log $name "worker [pid]: -init failed: $error"
@@ -729,9 +906,80 @@ proc ::socketserver::pool::WorkerMain {name} {
     exit $code
 }
 
+# Usage: ::socketserver::pool worker ?-path path? ?-maxconnections n? ?-notifier poll|tcl? handler
+# A worker in a process of its own (a pool's -exec program, or one started by hand): registers at
+# the server's path and serves one connection at a time, as a forked worker does, until it
+# retires (SIGTERM, SIGINT), has served -maxconnections, or the server is gone. Returns which:
+# retired, maxconnections or closed. A failure to register is an error.
+proc ::socketserver::pool::worker {args} {
+    variable worker
+    if {[llength $args] % 2 == 0} {
+        return -code error -errorcode {TCL WRONGARGS} \
+            "wrong # args: should be \"::socketserver::pool worker ?-path path? ?-maxconnections n? ?-notifier poll|tcl? handler\""
+    }
+    if {[info exists worker] && [dict get $worker running]} {
+        return -code error -errorcode {SOCKETSERVER POOL BUSY} "a pool worker is already running in this interpreter"
+    }
+    set handler [lindex $args end]
+    CheckPrefix handler $handler
+    # The defaults, from a pool's environment, are checked as given options are.
+    set defaults [list -path {} -maxconnections 0 -notifier poll]
+    foreach {option variable} {-path SOCKETSERVER_PATH -maxconnections SOCKETSERVER_MAXCONNECTIONS} {
+        if {[info exists ::env($variable)]} {
+            dict set defaults $option $::env($variable)
+        }
+    }
+    set config [ParseOptions {} [list {*}$defaults {*}[lrange $args 0 end-1]] workeroptions]
+    set path [dict get $config -path]
+    if {$path eq {}} {
+        return -code error -errorcode {SOCKETSERVER POOL NOPATH} \
+            "no registration path: give -path or set SOCKETSERVER_PATH"
+    }
+    if {[dict get $config -notifier] eq "poll" && [catch {::socketserver::notifier poll} error]} {
+        LogToStderr "worker [pid]: keeps Tcl's notifier: $error"
+    }
+    set traps {}
+    foreach signal {TERM INT} {
+        dict set traps $signal [::socketserver::trap $signal]
+        ::socketserver::trap $signal [list ::socketserver::pool::WorkerRetire retired]
+    }
+    WorkerInit [list ::socketserver::socket client -path $path \
+                    -onclose [list ::socketserver::pool::WorkerRetire closed]] \
+        $handler [dict get $config -maxconnections]
+    set failed [catch {WorkerArm} error options]
+    if {!$failed} {
+        vwait ::socketserver::pool::worker_done
+    }
+    dict set worker running 0
+    dict for {signal script} $traps {
+        ::socketserver::trap $signal $script
+    }
+    if {$failed} {
+        return -options $options $error
+    }
+    return [dict get $worker reason]
+}
+
+# The worker's state: arm is the `socket client` command (without the handler) that asks for the
+# next connection.
+proc ::socketserver::pool::WorkerInit {arm handler max} {
+    variable worker [dict create arm $arm handler $handler max $max served 0 busy 0 retiring 0 \
+                         reason {} running 1]
+    unset -nocomplain ::socketserver::pool::worker_done
+}
+
 proc ::socketserver::pool::WorkerArm {} {
     variable worker
-    ::socketserver::socket client -port [dict get $worker port] ::socketserver::pool::WorkerServe
+    {*}[dict get $worker arm] ::socketserver::pool::WorkerServe
+}
+
+# The worker is done, for reason (the first one given counts).
+proc ::socketserver::pool::WorkerDone {reason} {
+    variable worker
+    if {[dict get $worker reason] eq {}} {
+        dict set worker reason $reason
+    }
+    set ::socketserver::pool::worker_done 0
 }
 
 proc ::socketserver::pool::WorkerServe {chan ip port} {
@@ -750,22 +998,27 @@ proc ::socketserver::pool::WorkerFinished {} {
     variable worker
     dict set worker busy 0
     set max [dict get $worker max]
-    if {[dict get $worker retiring] || ($max > 0 && [dict get $worker served] >= $max)} {
-        set ::socketserver::pool::worker_done 0
-        return
-    }
-    if {[catch WorkerArm]} {
-        set ::socketserver::pool::worker_done 0 ;# the server has closed
+    if {[dict get $worker retiring]} {
+        WorkerDone retired
+    } elseif {$max > 0 && [dict get $worker served] >= $max} {
+        WorkerDone maxconnections
+    } elseif {[catch WorkerArm]} {
+        WorkerDone closed
     }
 }
 
-proc ::socketserver::pool::WorkerRetire {} {
+# SIGTERM, the monitor's death (the lifeline) or, for a worker of its own (`pool worker`),
+# SIGINT or the server's end (reason closed): finish the connection in hand, then exit.
+proc ::socketserver::pool::WorkerRetire {{reason retired}} {
     variable worker
     dict set worker retiring 1
+    if {[dict get $worker reason] eq {}} {
+        dict set worker reason $reason
+    }
     # A stop closes the server before it signals: a connection the dispatcher already sent to
     # this idle worker waits in its mailbox, and nobody else would serve it. Take it first.
     update
     if {![dict get $worker busy]} {
-        set ::socketserver::pool::worker_done 0
+        WorkerDone $reason
     }
 }

@@ -771,3 +771,106 @@ proc ::tcltest::cleanupTestsHook {} {
         ::ss::reap
     }
 }
+
+# --------------------------------------------------------------------
+# ab in the background (bounded), for tests that act while it loads a
+# server
+
+# ss::ab_start url ?n? ?c? ?secs? --
+#	Starts ab against url (at most n requests, c at a time, for at most
+#	secs seconds) without blocking the event loop; returns a key for
+#	ss::ab_result.
+proc ::ss::ab_start {url {n 1000} {c 8} {secs 20}} {
+    variable ab
+    set k [incr ::ss::cseq]
+    set chan [open |[list ab -r -q -s 10 -t $secs -n $n -c $c $url 2>@1] r]
+    fconfigure $chan -blocking 0
+    set ab($k) [dict create chan $chan pid [pid $chan] output "" done 0]
+    fileevent $chan readable [list ::ss::ab_read $k]
+    return $k
+}
+
+proc ::ss::ab_read {k} {
+    variable ab
+    set chan [dict get $ab($k) chan]
+    dict append ab($k) output [read $chan]
+    if {[eof $chan]} {
+        fconfigure $chan -blocking 1
+        if {[catch {close $chan} why]} {
+            dict append ab($k) output "\n(ab: $why)"
+        }
+        dict set ab($k) done 1
+        set ::ss::wake 1
+    }
+}
+
+# ss::ab_result k ms --
+#	Waits (bounded) for ab k to finish; returns {complete failed}, where
+#	failed counts failed requests and non-2xx responses, a request cut
+#	short by a reset once (ab counts it as a receive error and a wrong
+#	length).  Kills ab and raises an error after ms.
+proc ::ss::ab_result {k ms} {
+    variable ab
+    if {![wait_until {[dict get $::ss::ab($k) done]} $ms]} {
+        catch {kill KILL [dict get $ab($k) pid]}
+        catch {close [dict get $ab($k) chan]}
+        unset ab($k)
+        error "ab did not finish in $ms ms"
+    }
+    set output [dict get $ab($k) output]
+    unset ab($k)
+    if {![regexp {Complete requests:\s+(\d+)} $output -> complete]
+            || ![regexp {Failed requests:\s+(\d+)} $output -> failed]} {
+        error "unexpected ab output: $output"
+    }
+    if {$failed > 0 && [regexp {Connect: (\d+), Receive: (\d+), Length: (\d+), Exceptions: (\d+)} \
+            $output -> connect receive length exceptions]} {
+        set failed [expr {max($connect + $receive + $exceptions, $length)}]
+    }
+    if {[regexp {Non-2xx responses:\s+(\d+)} $output -> non2xx]} {
+        incr failed $non2xx
+    }
+    return [list $complete $failed]
+}
+
+# ss::pause ms --
+#	Runs the event loop for ms milliseconds (spaces out actions; nothing
+#	waits on it for correctness).
+proc ::ss::pause {ms} {
+    set deadline [expr {[clock milliseconds] + $ms}]
+    wait_until {[clock milliseconds] >= $deadline} [expr {$ms + 100}]
+}
+
+# ss::pool_serving pool --
+#	The pids of pool's workers that are registered and serving (ready or
+#	busy in its stats).
+proc ::ss::pool_serving {pool} {
+    set pids {}
+    dict for {pid w} [dict get [$pool stats] workers] {
+        if {[dict get $w state] in {ready busy}} {
+            lappend pids $pid
+        }
+    }
+    return $pids
+}
+
+# ss::pool_active pool --
+#	The pids pool counts toward its size (not retiring).
+proc ::ss::pool_active {pool} {
+    set pids {}
+    dict for {pid w} [dict get [$pool stats] workers] {
+        if {[dict get $w state] ne "retiring"} {
+            lappend pids $pid
+        }
+    }
+    return $pids
+}
+
+# ss::wait_serving pool n ?ms? --
+#	Waits until pool has exactly n active workers, all serving.
+proc ::ss::wait_serving {pool n {ms 10000}} {
+    if {![wait_until {[llength [::ss::pool_active $pool]] == $n
+                      && [llength [::ss::pool_serving $pool]] == $n} $ms]} {
+        error "pool did not get $n serving workers in $ms ms: [$pool stats]"
+    }
+}
