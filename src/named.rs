@@ -6,13 +6,13 @@
 //! Servers in one process or many that ask for the same path take turns (a flock(2) on its
 //! directory): the first binds, the others find it live.
 
-use nix::fcntl::{Flock, FlockArg};
 use nix::sys::socket::{self, getsockopt, setsockopt, sockopt, AddressFamily, SockFlag, SockType, UnixAddr};
 use std::io;
+use crate::fork_safety::{CreateSection, ParentOnlyFd};
 use std::os::fd::{AsRawFd, BorrowedFd, OwnedFd};
 use std::os::unix::fs::{FileTypeExt, MetadataExt, PermissionsExt};
 use std::path::{Path, PathBuf};
-use std::time::Duration;
+use std::time::{Duration, Instant};
 
 /// The mode of a named socket unless `-pathmode` says otherwise: the owner only.
 pub const DEFAULT_MODE: u32 = 0o600;
@@ -44,11 +44,10 @@ impl Drop for NamedPath {
 
 /// Listens on `path` with `mode`: refuses a path where a live server answers (EADDRINUSE) or that
 /// is not a socket (EEXIST); replaces a stale socket (nobody listening). Returns the non-blocking,
-/// close-on-exec listener and the path to remove later.
-pub fn listen(path: &Path, mode: u32, backlog: u32) -> io::Result<(OwnedFd, NamedPath)> {
-    // Two servers asking for one path at once: each checks and binds while holding the lock, so
-    // the second sees the first's socket live (it has its mode and listens before the lock goes).
-    let _lock = lock_directory(path)?;
+/// close-on-exec listener and the path to remove later. The caller holds `path`'s
+/// [`DirectoryLock`], so that two servers asking for one path at once take turns: the second
+/// finds the first's socket live (it has its mode and listens before the lock goes).
+pub fn listen(path: &Path, mode: u32, backlog: u32, _turn: &DirectoryLock) -> io::Result<(OwnedFd, NamedPath)> {
     match std::fs::symlink_metadata(path) {
         Ok(meta) if !meta.file_type().is_socket() => return Err(io::Error::from_raw_os_error(libc::EEXIST)),
         Ok(_) if is_live(path) => return Err(io::Error::from_raw_os_error(libc::EADDRINUSE)),
@@ -75,14 +74,47 @@ pub fn listen(path: &Path, mode: u32, backlog: u32) -> io::Result<(OwnedFd, Name
     Ok((listener, named))
 }
 
-/// An exclusive flock(2) on `path`'s directory, held while it lives.
-fn lock_directory(path: &Path) -> io::Result<Flock<std::fs::File>> {
-    let dir = match path.parent() {
-        Some(dir) if !dir.as_os_str().is_empty() => dir,
-        _ => Path::new("."),
-    };
-    let dir = std::fs::File::open(dir)?;
-    Flock::lock(dir, FlockArg::LockExclusive).map_err(|(_, e)| errno(e))
+/// An exclusive flock(2) on a named socket's directory, released as it drops. Its fd is one that
+/// forked children close: a child keeping it would keep the lock.
+pub struct DirectoryLock {
+    /// Never read: closing it, as it drops, unlocks. None: the file system has no flock.
+    _dir: Option<ParentOnlyFd>,
+}
+
+/// How long [`DirectoryLock::take`] tries: other servers hold the lock for a few syscalls only;
+/// anyone holding it longer is not one of them.
+const LOCK_PATIENCE: Duration = Duration::from_secs(2);
+
+impl DirectoryLock {
+    /// Locks `path`'s directory, trying again every 10 ms for [`LOCK_PATIENCE`] (EAGAIN then).
+    /// Never waits blocked, so call it outside a CreateSection: a fork meanwhile must not wait
+    /// for it. A file system without flock (EBADF, ENOLCK, EOPNOTSUPP: NFS, some FUSE) goes
+    /// without: two servers there could still both replace one stale socket.
+    pub fn take(path: &Path) -> io::Result<DirectoryLock> {
+        let dir = match path.parent() {
+            Some(dir) if !dir.as_os_str().is_empty() => dir,
+            _ => Path::new("."),
+        };
+        let section = CreateSection::enter();
+        let dir = section.adopt(OwnedFd::from(std::fs::File::open(dir)?))?;
+        drop(section);
+        let deadline = Instant::now() + LOCK_PATIENCE;
+        loop {
+            // libc's flock(2): nix's Flock must own the file, and this one is a ParentOnlyFd.
+            // SAFETY: flock(2) on an fd we own; it touches no memory.
+            match crate::sys::check(unsafe { libc::flock(dir.as_raw_fd(), libc::LOCK_EX | libc::LOCK_NB) }) {
+                Ok(_) => return Ok(DirectoryLock { _dir: Some(dir) }),
+                Err(err) if matches!(err.raw_os_error(), Some(libc::EBADF | libc::ENOLCK | libc::EOPNOTSUPP)) => {
+                    return Ok(DirectoryLock { _dir: None });
+                }
+                Err(err) if err.raw_os_error() == Some(libc::EWOULDBLOCK) && Instant::now() < deadline => {
+                    std::thread::sleep(Duration::from_millis(10));
+                }
+                Err(err) if err.raw_os_error() == Some(libc::EINTR) => {}
+                Err(err) => return Err(err),
+            }
+        }
+    }
 }
 
 /// True if a server accepts connections on the socket at `path` (ECONNREFUSED: a stale one).
@@ -169,6 +201,24 @@ mod tests {
     use super::*;
     use std::os::fd::AsFd;
 
+    fn listen_now(path: &Path, mode: u32) -> io::Result<(OwnedFd, NamedPath)> {
+        listen(path, mode, 8, &DirectoryLock::take(path)?)
+    }
+
+    #[test]
+    fn a_directory_locked_by_someone_else_for_long_is_an_eagain_error_not_a_wait_without_end() {
+        let path = scratch("locked");
+        let holder = std::fs::File::open(path.parent().unwrap()).unwrap();
+        // SAFETY: flock(2) on a file we own.
+        assert_eq!(unsafe { libc::flock(holder.as_raw_fd(), libc::LOCK_EX) }, 0);
+        let started = Instant::now();
+        let err = DirectoryLock::take(&path).err().expect("locked elsewhere");
+        assert_eq!(err.raw_os_error(), Some(libc::EAGAIN));
+        assert!(started.elapsed() >= LOCK_PATIENCE && started.elapsed() < 2 * LOCK_PATIENCE);
+        drop(holder);
+        listen_now(&path, DEFAULT_MODE).expect("free again");
+    }
+
     fn scratch(name: &str) -> PathBuf {
         let dir = std::env::temp_dir().join(format!("ss-named-{}-{name}", std::process::id()));
         let _ = std::fs::remove_dir_all(&dir);
@@ -179,7 +229,7 @@ mod tests {
     #[test]
     fn a_named_socket_has_its_mode_takes_connections_and_is_removed_only_while_it_is_ours() {
         let path = scratch("mode");
-        let (listener, named) = listen(&path, 0o640, 8).unwrap();
+        let (listener, named) = listen_now(&path, 0o640).unwrap();
         let meta = std::fs::symlink_metadata(&path).unwrap();
         assert!(meta.file_type().is_socket());
         assert_eq!(meta.permissions().mode() & 0o777, 0o640);
@@ -194,7 +244,7 @@ mod tests {
         drop(named);
         assert!(path.exists());
         std::fs::remove_file(&path).unwrap();
-        let (_listener, named) = listen(&path, DEFAULT_MODE, 8).unwrap();
+        let (_listener, named) = listen_now(&path, DEFAULT_MODE).unwrap();
         drop(named);
         assert!(!path.exists());
     }
@@ -202,16 +252,16 @@ mod tests {
     #[test]
     fn a_live_servers_path_is_refused_a_stale_one_replaced_and_a_file_left_alone() {
         let path = scratch("live");
-        let (listener, named) = listen(&path, DEFAULT_MODE, 8).unwrap();
-        let err = listen(&path, DEFAULT_MODE, 8).unwrap_err();
+        let (listener, named) = listen_now(&path, DEFAULT_MODE).unwrap();
+        let err = listen_now(&path, DEFAULT_MODE).unwrap_err();
         assert_eq!(err.raw_os_error(), Some(libc::EADDRINUSE));
         std::mem::forget(named); // the server died without removing its path
         drop(listener);
-        let (_listener, _named) = listen(&path, DEFAULT_MODE, 8).expect("a stale socket is replaced");
+        let (_listener, _named) = listen_now(&path, DEFAULT_MODE).expect("a stale socket is replaced");
         connect(&path, Duration::from_secs(1)).expect("the new one answers");
         let file = path.with_file_name("file");
         std::fs::write(&file, b"precious").unwrap();
-        assert_eq!(listen(&file, DEFAULT_MODE, 8).unwrap_err().raw_os_error(), Some(libc::EEXIST));
+        assert_eq!(listen_now(&file, DEFAULT_MODE).unwrap_err().raw_os_error(), Some(libc::EEXIST));
         assert_eq!(std::fs::read(&file).unwrap(), b"precious");
     }
 
@@ -220,7 +270,7 @@ mod tests {
         let path = scratch("race");
         for round in 0..50 {
             // A stale socket each round: all of them find it so and want to replace it.
-            let (listener, stale) = listen(&path, DEFAULT_MODE, 8).unwrap();
+            let (listener, stale) = listen_now(&path, DEFAULT_MODE).unwrap();
             std::mem::forget(stale);
             drop(listener);
             let start = std::sync::Arc::new(std::sync::Barrier::new(4));
@@ -229,7 +279,7 @@ mod tests {
                     let (path, start) = (path.clone(), start.clone());
                     std::thread::spawn(move || {
                         start.wait();
-                        listen(&path, DEFAULT_MODE, 8)
+                        listen_now(&path, DEFAULT_MODE)
                     })
                 })
                 .collect();
@@ -247,7 +297,7 @@ mod tests {
         let dir = scratch("long").parent().unwrap().to_path_buf();
         let room = 107 - dir.as_os_str().len() - 1;
         let path = dir.join("s".repeat(room));
-        let (_listener, _named) = listen(&path, DEFAULT_MODE, 8).expect("107 bytes fit");
+        let (_listener, _named) = listen_now(&path, DEFAULT_MODE).expect("107 bytes fit");
         connect(&path, Duration::from_secs(1)).unwrap();
     }
 
@@ -257,7 +307,7 @@ mod tests {
         assert_eq!(connect(&path, Duration::from_secs(1)).unwrap_err().raw_os_error(), Some(libc::ENOENT));
         let long = PathBuf::from(format!("/tmp/{}", "x".repeat(200)));
         assert!(connect(&long, Duration::from_secs(1)).is_err());
-        assert!(listen(&long, DEFAULT_MODE, 8).is_err());
+        assert!(listen_now(&long, DEFAULT_MODE).is_err());
     }
 
     #[test]

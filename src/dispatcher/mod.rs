@@ -167,6 +167,9 @@ impl Server {
         crate::fork_safety::install()?;
         config.max_workers = Some(config.max_workers.unwrap_or_else(default_max_workers));
         config.max_parked = Some(config.max_parked.unwrap_or_else(default_max_parked).min(parked::MAX_PARKED));
+        // Taken before the section: it may have to wait for another server, and a fork must
+        // not wait meanwhile.
+        let path_lock = config.path.as_deref().map(crate::named::DirectoryLock::take).transpose()?;
         let section = CreateSection::enter();
         let listener = match config.fd {
             Some(fd) => fdpass::adopt_listener(fd)?,
@@ -180,7 +183,8 @@ impl Server {
         let thread_control = section.adopt(thread_control)?;
         let (named, named_path) = match &config.path {
             Some(path) => {
-                let (listener, named_path) = crate::named::listen(path, config.path_mode, config.backlog)?;
+                let turn = path_lock.as_ref().expect("taken above for a path");
+                let (listener, named_path) = crate::named::listen(path, config.path_mode, config.backlog, turn)?;
                 // (Removed again as it drops, if the server does not start.)
                 let listener = section.adopt(listener)?;
                 (Some(pending::NamedListener::new(listener, config.permitted.clone())), Some(named_path))
@@ -188,6 +192,7 @@ impl Server {
             None => (None, None),
         };
         drop(section);
+        drop(path_lock);
         let address = fdpass::local_addr(listener.as_fd())?;
         let own_sockets = [fdpass::identity(registration.as_fd()), fdpass::identity(registrar.as_fd())];
         let dispatcher = event_loop::Dispatcher::new(listener, registrar, thread_control, &config, own_sockets, named)?;

@@ -174,3 +174,14 @@ fn more_workers_registering_at_once_than_there_are_places_all_get_in() {
     let snap = wait_for(&server, "every one registered", |s| s.workers.len() == crowd);
     assert_eq!(snap.refused, 0, "{snap:?}");
 }
+
+#[test]
+fn a_full_set_of_silent_connections_loses_one_place_per_newcomer_and_no_more() {
+    let path = scratch("full");
+    let server = start_at(&path);
+    let silent: Vec<OwnedFd> = (0..CAPACITY).map(|_| named::connect(&path, 5 * SECOND).unwrap()).collect();
+    let mut worker = WorkerLink::register_at(&path).expect("registered in place of one silent connection");
+    serves(&server, &mut worker);
+    let closed = silent.iter().filter(|c| fdpass::wait_readable(c.as_fd(), Duration::ZERO).is_ok()).count();
+    assert_eq!(closed, 1, "silent connections closed for one newcomer");
+}

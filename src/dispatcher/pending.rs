@@ -79,14 +79,11 @@ impl NamedListener {
     pub fn accept(&mut self, epoll: &Epoll, now: Instant) -> Accepted {
         let mut accepted = Accepted::default();
         for _ in 0..ACCEPT_BATCH {
-            let free = match self.places.iter().position(Option::is_none) {
-                Some(place) => place,
+            // A free place, or the one to make free once there is a connection for it.
+            let (place, evict) = match self.places.iter().position(Option::is_none) {
+                Some(place) => (place, false),
                 None => match self.oldest_silent() {
-                    Some(place) => {
-                        accepted.evicted += 1;
-                        self.close(epoll, place);
-                        place
-                    }
+                    Some(place) => (place, true),
                     // Every place holds a registration that the next wait reports: the rest
                     // wait in the backlog until then.
                     None => return accepted,
@@ -104,18 +101,23 @@ impl NamedListener {
                 }
             };
             drop(section);
+            if evict {
+                accepted.evicted += 1;
+                self.close(epoll, place);
+            }
             let permitted = named::peer_credentials(conn.as_fd())
                 .is_some_and(|(_, uid, gid)| self.permitted.allows(self.own_uid, uid, gid));
             self.last_serial = self.last_serial.checked_add(1).unwrap_or(1);
-            let token = member_token(Member::Pending, free, self.last_serial);
+            let token = member_token(Member::Pending, place, self.last_serial);
             if epoll.add(conn.as_fd(), EpollEvent::new(EpollFlags::EPOLLIN, token)).is_ok() {
-                self.places[free] = Some(Pending { conn, permitted, deadline: now + DEADLINE, serial: self.last_serial });
+                self.places[place] = Some(Pending { conn, permitted, deadline: now + DEADLINE, serial: self.last_serial });
             }
         }
         accepted
     }
 
-    /// The place of the connection that has waited longest with nothing sent (or closed).
+    /// The place of the connection that has waited longest with nothing sent (a closed one has
+    /// something to read: its end, which the next wait reports).
     fn oldest_silent(&self) -> Option<usize> {
         (0..CAPACITY)
             .filter_map(|i| self.places[i].as_ref().map(|p| (i, p)))
