@@ -279,16 +279,23 @@ pub fn parse_client(args: &[&str]) -> CmdResult<ClientArgs> {
     Ok(parsed)
 }
 
-/// A named socket's path: not empty; made absolute (from the current directory, as `file
-/// normalize` does), so `info` tells it, and `exit` removes it, wherever `cd` went since.
+/// A named socket's path: not empty; normalized as `file normalize` does (absolute from the
+/// current directory, its directory's `.`, `..` and symbolic links resolved), so `info` tells
+/// it, `exit` removes it wherever `cd` went since, and two spellings of one path are one.
 fn parse_path(word: &str) -> CmdResult<std::path::PathBuf> {
     if word.is_empty() {
         return Err(CmdError::new("expected a path but got \"\"", &["TCL", "VALUE", "PATH"]));
     }
-    std::path::absolute(word).map_err(|e| CmdError::Posix {
+    let absolute = std::path::absolute(word).map_err(|e| CmdError::Posix {
         prefix: format!("couldn't use path \"{word}\""),
         errno: e.raw_os_error().unwrap_or(libc::EINVAL),
-    })
+    })?;
+    // A directory that does not exist is reported when the socket is made or reached.
+    let canonical = match (absolute.parent(), absolute.file_name()) {
+        (Some(dir), Some(name)) => std::fs::canonicalize(dir).ok().map(|dir| dir.join(name)),
+        _ => None,
+    };
+    Ok(canonical.unwrap_or(absolute))
 }
 
 /// A file mode in octal, as `file attributes -permissions` takes one (0600, 600 or 0o600).

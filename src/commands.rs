@@ -148,7 +148,16 @@ pub fn socket_command(cell: &StateCell, objv: &[Obj], words: &[String]) -> CmdRe
         "client" => {
             let parsed = args::parse_client(&rest)?;
             let on_close = parsed.on_close_at.map(|at| objv[2 + at].clone());
-            client(cell, &mut state, parsed.target, objv[2 + parsed.handler_at].clone(), on_close)
+            match client(cell, &mut state, parsed.target, objv[2 + parsed.handler_at].clone(), on_close) {
+                Ok(result) => Ok(result),
+                Err(ClientError::Cmd(error)) => Err(error),
+                // Found closed while arming (a handler re-arming as the server went): -onclose
+                // runs as if the mailbox had said so first, and the error says what happened.
+                Err(ClientError::Closed { port, error }) => {
+                    server_closed(state, port);
+                    Err(error)
+                }
+            }
         }
         "close" => {
             let port = args::parse_close(&rest)?;
@@ -250,19 +259,33 @@ fn listening_address(fd: std::os::fd::RawFd, name: Option<&str>) -> CmdResult<st
     }
 }
 
+/// Why `client` failed.
+enum ClientError {
+    Cmd(CmdError),
+    /// The server of `port` turned out to be closed: the slot is there still, with the
+    /// `-onclose` command to run.
+    Closed { port: u16, error: CmdError },
+}
+
+impl From<CmdError> for ClientError {
+    fn from(error: CmdError) -> ClientError {
+        ClientError::Cmd(error)
+    }
+}
+
 fn client(
     cell: &StateCell,
     state: &mut InterpState,
     target: ClientTarget,
     handler: Obj,
     on_close: Option<Obj>,
-) -> CmdResult<Obj> {
+) -> Result<Obj, ClientError> {
     for (what, prefix) in [("handler", Some(&handler)), ("-onclose command", on_close.as_ref())] {
         if prefix.is_some_and(|prefix| !prefix.is_list(state.interp)) {
-            return Err(CmdError::new(
+            return Err(ClientError::Cmd(CmdError::new(
                 format!("{what} is not a valid command prefix: \"{}\"", prefix.map(Obj::to_string_lossy).unwrap_or_default()),
                 &["SOCKETSERVER", "HANDLER"],
-            ));
+            )));
         }
     }
     let port = match target {
@@ -271,15 +294,14 @@ fn client(
         ClientTarget::Default => register_inherited(cell, state, state.default_port()?)?,
     };
     let slot = state.slots.get_mut(&port).expect("registered above");
-    let server = slot.server_name(port);
-    if let Err(err) = slot.link.arm() {
-        state.remove_slot(port);
-        return Err(posix(&format!("{server} is closed"), err));
-    }
-    slot.handler = Some(handler);
     if on_close.is_some() {
         slot.on_close = on_close;
     }
+    if let Err(err) = slot.link.arm() {
+        let error = posix(&format!("{} is closed", slot.server_name(port)), err);
+        return Err(ClientError::Closed { port, error });
+    }
+    slot.handler = Some(handler);
     Ok(Obj::string(""))
 }
 
