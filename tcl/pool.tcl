@@ -714,6 +714,11 @@ proc ::socketserver::pool::Reap {name} {
             continue
         }
         lassign $ended pid how detail
+        if {![dict get $workers $pid registered]} {
+            # It may have registered (and written its pid) after the pipe was read above, and
+            # ended since: what it wrote is there now that it has ended.
+            Started $name
+        }
         set worker [dict get $workers $pid]
         set lifetime [expr {[clock milliseconds] - [dict get $worker started]}]
         dict unset workers $pid
