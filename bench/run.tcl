@@ -849,7 +849,7 @@ proc ::bench::forkexec_run {run cfg ncores} {
         for {set i 0} {$i < [dict get $cfg pairrounds]} {incr i} {
             foreach rec [expr {$i % 2 ? [lreverse $recs] : $recs}] {
                 set name [dict get $rec name]
-                foreach {c n} [list 1 [dict get $cfg herd] 32 [dict get $cfg proxyburst]] {
+                foreach {c n} [list 1 [dict get $cfg herd] 32 [dict get $cfg pairburst]] {
                     lassign [cpu [dict get $rec pid] socketserver*] d0
                     lassign [cpu [dict get $rec workers]] w0
                     set r [ab [dict get $rec port] $n $c]
@@ -891,7 +891,7 @@ proc ::bench::forkexec_report {configs cfg} {
         {forkexec32 cpu_workers} {forkexec32 errors 0}}
     table_rows "Exec'd against forked workers (issue 13), N=8 each, both running, bursts in turn:\
             [dict get $cfg pairrounds] × (ab -n [dict get $cfg herd] -c 1, ab -n\
-            [dict get $cfg proxyburst] -c 32) through each; CPU in µs per connection:" \
+            [dict get $cfg pairburst] -c 32) through each; CPU in µs per connection:" \
         {server {dispatcher c=1} {dispatcher c=32} {workers c=1} {workers c=32} {errors c=32}} \
         {{"socketserver N=8, forked" ss8 {}} {"socketserver N=8, exec'd tclsh (-path)" ss8exec {}}} \
         $columns
@@ -1477,13 +1477,13 @@ proc ::bench::main {argv} {
     }
     if {$quick} {
         set cfg [dict create abn 5000 wrkd 2 slowd 2 herd 1000 warm 200 proxyrounds 4 proxyburst 2000 \
-                pairrounds 4 \
+                pairrounds 4 pairburst 2000 \
                 lbd 1 kad 1 idled 1 slowcd 2 slowcn 500 \
                 configs {plain ss2 ss8 limit ss1000 forkexec ss2py plainka ss4park ss4waitnone
                     proxy lb}]
     } else {
         set cfg [dict create abn 20000 wrkd 10 slowd 4 herd 2000 warm 500 proxyrounds 10 proxyburst 4000 \
-                pairrounds 6 \
+                pairrounds 6 pairburst 4000 \
                 lbd 3 kad 3 idled 2 slowcd 3 slowcn 1000 \
                 configs {plain ss1 ss2 ss4 ss8 ss8tcl limit ss1000 ss8exec ss1py ss4py forkexec
                     plainka ss4park ss4waitnone proxy lb}]
@@ -1496,6 +1496,12 @@ proc ::bench::main {argv} {
         foreach c [lmap c $configs {if {$c ni {proxy lb}} continue; set c}] {
             set configs [lsearch -all -inline -not -exact $configs $c]
             say "haproxy is not installed (scripts/deps.sh --bench): configuration $c skipped"
+        }
+    }
+    if {[auto_execok python3] eq ""} {
+        foreach c [lmap c $configs {if {[spawn $c] ne "python"} continue; set c}] {
+            set configs [lsearch -all -inline -not -exact $configs $c]
+            say "python3 is not installed: configuration $c (examples/worker.py) skipped"
         }
     }
 

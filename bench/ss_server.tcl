@@ -53,8 +53,8 @@
 #
 # Stops when its stdin ends (the driver closes it): the serving process kills
 # its workers by pid and reaps them, then exits.  Tcl workers also exit when
-# stdin ends, exec'd ones and Python's when the server goes.  SIGTERM has its
-# default action (Python's worker: finish the connection, exit).
+# stdin ends, Python's when the server goes.  SIGTERM has its default action
+# (Python's worker: finish the connection, exit).
 
 package require Tclx
 package require socketserver
@@ -105,12 +105,10 @@ proc ::ss::worker {target} {
     flush stdout
     set ::bench::done [list ::socketserver::socket client {*}$target $handler]
     ::bench::watch_stdin [list exit 0]
-    if {[lindex $target 0] eq "-path"} {
-        # Not a child that the server's shutdown could reach through stdin alone.
-        ::socketserver::socket client {*}$target -onclose [list exit 0] $handler
+    {*}$::bench::done
+    if {$port == 0} {
+        # Registered by path: the server's port is known now (the control port's info).
         set port [dict get [::socketserver::info] port]
-    } else {
-        {*}$::bench::done
     }
     vwait ::forever
     exit 0
