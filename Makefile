@@ -6,7 +6,7 @@
 #                   on 127.0.0.1:8080 with 4 workers, HTTP/1.1 keep-alive, idle
 #                   connections parked in the dispatcher (Ctrl-C stops it)
 #   make install    copy the package to $(DESTDIR)$(TCLLIBDIR)/socketserver$(VERSION)
-#   make bench      the benchmark (QUICK=1: under 2 minutes; RUNS=n: runs per setup)
+#   make bench      the benchmark (QUICK=1: about 2.5 minutes; RUNS=n: runs per setup)
 #   make clean      remove build/ and cargo's target/
 #
 # Use the built package without installing it:

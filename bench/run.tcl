@@ -13,6 +13,22 @@
 # rotates from run to run), runs the scenarios against it and stops it, so the
 # configurations are interleaved; at least 3 runs.
 #
+# Workers that are not forked (issue 13): the serving process opens a named
+# registration socket (socket server -path, a fresh path under /tmp per
+# start) and starts its workers as programs of their own that register there
+# (bench/ss_server.tcl -spawn).  ss8exec: 8 separate tclsh processes with the
+# same handler and notifier as ss8's forked ones.  ss1py, ss4py: 1 and 4
+# Python workers (examples/worker.py), whose req/s is reported beside ss1's
+# and ss4's, no target.  Their answer differs a little (HTTP/1.1, a 39-byte
+# body) and they have no /slow, so the slow scenario skips them; nor can they
+# be asked for wake-ups (no control port).  Configuration "forkexec": ss8
+# and ss8exec at once, bursts of ab -c 1 and ab -c 32 through them in turn
+# (as "proxy" below), the dispatcher thread's CPU per connection summed over
+# the bursts: the target, exec'd / forked = 1.00 ± 0.25 at c=1 and at c=32.
+# Measured as separate configurations, minutes apart, the c=1 figure swings
+# between about 20 and 45 µs with the machine's load (twice 1.37 for ss8exec
+# / ss8 where bursts in turn gave 1.0).
+#
 # Handlers (bench/http.tcl; same work, same answer): plain uses the
 # fileevent-driven one (one process must not block on a client); socketserver
 # workers use the synchronous one (a worker serves one connection at a time,
@@ -331,6 +347,15 @@ proc ::bench::parkcfg {name} {
     return [regexp {^(plainka|ss\d+(park|waitnone))$} $name]
 }
 
+# How the workers of configuration NAME start (ss_server.tcl's -spawn):
+# exec (ssNexec), python (ssNpy), else fork.
+proc ::bench::spawn {name} {
+    if {[regexp {^ss\d+(exec|py)$} $name -> kind]} {
+        return [dict get {exec exec py python} $kind]
+    }
+    return fork
+}
+
 # Is NAME one of the servers behind HAProxy (see the top)?
 proc ::bench::hapcfg {name} {
     return [regexp {^ss\d+hap(v2)?$} $name]
@@ -470,11 +495,18 @@ proc ::bench::start {name ncores} {
         }
         ss* {
             # ssN: N workers, synchronous handler, poll notifier; ssNfe:
-            # fileevent handler; ssNtcl: Tcl's own notifier.
-            regexp {^ss(\d+)(fe|tcl)?$} $name -> n variant
-            set cmd [ss_command [list $tclsh [file join $here ss_server.tcl] -workers $n \
+            # fileevent handler; ssNtcl: Tcl's own notifier; ssNexec, ssNpy:
+            # the same as ssN with workers that register through -path.
+            regexp {^ss(\d+)(fe|tcl|exec|py)?$} $name -> n variant
+            set cmd [list $tclsh [file join $here ss_server.tcl] -workers $n \
                     -handler [expr {$variant eq "fe" ? "fileevent" : "sync"}] \
-                    -notifier [expr {$variant eq "tcl" ? "tcl" : "poll"}]] $n]
+                    -notifier [expr {$variant eq "tcl" ? "tcl" : "poll"}]]
+            if {[spawn $name] ne "fork"} {
+                variable seq
+                set path /tmp/socketserver-bench-[pid]-[incr seq].sock
+                lappend cmd -path $path -spawn [spawn $name]
+            }
+            set cmd [ss_command $cmd $n]
         }
         limit {
             set cmd [list [file join $root target release examples limit] 0 $ncores]
@@ -483,6 +515,9 @@ proc ::bench::start {name ncores} {
     set chan [open "|$cmd 2>@stderr" r+]
     set rec [dict create name $name chan $chan port 0 pid [pid $chan] \
             workers {} ctl {} pids [pid $chan]]
+    if {[info exists path]} {
+        dict set rec path $path
+    }
     lappend servers $rec
     fconfigure $chan -blocking 0 -buffering line
     # ss_server.tcl waits up to 5 s and 20 ms per worker for them to be armed.
@@ -558,6 +593,10 @@ proc ::bench::stop {rec} {
     }
     catch {fconfigure $chan -blocking 1}
     catch {close $chan}
+    # The server removes its -path when it exits; not when it was killed.
+    if {[dict exists $rec path]} {
+        file delete [dict get $rec path]
+    }
     set i [lsearch -exact $servers $rec]
     if {$i >= 0} {
         set servers [lreplace $servers $i $i]
@@ -580,7 +619,8 @@ proc ::bench::ctl_query {port} {
 }
 
 # socketserver counters: serving process's info, and workers' wakeups and
-# received summed.  Empty for the other configurations, and with many workers:
+# received summed (only when every worker has a control port: Python's have
+# none).  Empty for the other configurations, and with many workers:
 # asking 1000 workers takes ~0.5 s, twice per scenario (measured once: 1.000
 # wake-ups per connection at c=1 with 1000 workers too).
 proc ::bench::stats {rec} {
@@ -601,9 +641,14 @@ proc ::bench::stats {rec} {
         }
     }
     # handedback: parked connections (issue 11), 0 where the server has none.
-    return [dict create wakeups $wakeups received $received \
-            accepted [dict get $serving accepted] delivered [dict get $serving delivered] \
+    set stats [dict create accepted [dict get $serving accepted] \
+            delivered [dict get $serving delivered] \
             handedback [expr {[dict exists $serving handedback] ? [dict get $serving handedback] : 0}]]
+    if {[dict size [dict get $rec ctl]] == [llength [dict get $rec workers]] + 1} {
+        dict set stats wakeups $wakeups
+        dict set stats received $received
+    }
+    return $stats
 }
 
 # ---------------------------------------------------------------- clients
@@ -745,9 +790,9 @@ proc ::bench::scenario {run rec kind cfg} {
         record $run $name $kind cpu_all_stat [expr {($sv1t - $sv0t + $wk1t - $wk0t) * $k}]
         if {[llength $s0]} {
             set accepted [expr {[dict get $s1 accepted] - [dict get $s0 accepted]}]
-            set wakeups [expr {[dict get $s1 wakeups] - [dict get $s0 wakeups]}]
-            set received [expr {[dict get $s1 received] - [dict get $s0 received]}]
-            if {$accepted > 0} {
+            if {$accepted > 0 && [dict exists $s0 wakeups]} {
+                set wakeups [expr {[dict get $s1 wakeups] - [dict get $s0 wakeups]}]
+                set received [expr {[dict get $s1 received] - [dict get $s0 received]}]
                 record $run $name $kind wakeups_per_conn [expr {double($wakeups) / $accepted}]
                 record $run $name $kind received_per_conn [expr {double($received) / $accepted}]
             }
@@ -780,12 +825,77 @@ proc ::bench::general_run {run rec cfg} {
         set r [scenario $run $rec wrk $cfg]
         append line " | wrk [format %.0f [dict get $r rps]]/s"
     }
-    if {$name ne "limit" && ![many $name]} {
+    # Python's worker has no /slow (it answers 404).
+    if {$name ne "limit" && ![many $name] && [spawn $name] ne "python"} {
         set r [scenario $run $rec slow $cfg]
         append line " | slow [format %.0f [dict get $r rps]]/s\
                 p99 [fmt [dict get $r p99]] ms"
     }
     return $line
+}
+
+# ---------------------------------------------------------------- exec'd workers
+
+# Configuration "forkexec" (see the top): ss8 and ss8exec, bursts in turn,
+# the order swapped every round; returns the progress line's part.
+proc ::bench::forkexec_run {run cfg ncores} {
+    set recs {}
+    set sums {}             ;# {config c} -> {dispatcher_ns workers_ns connections}
+    try {
+        foreach name {ss8 ss8exec} {
+            lappend recs [start $name $ncores]
+            ab [dict get [lindex $recs end] port] [dict get $cfg warm] 4
+        }
+        for {set i 0} {$i < [dict get $cfg pairrounds]} {incr i} {
+            foreach rec [expr {$i % 2 ? [lreverse $recs] : $recs}] {
+                set name [dict get $rec name]
+                foreach {c n} [list 1 [dict get $cfg herd] 32 [dict get $cfg pairburst]] {
+                    lassign [cpu [dict get $rec pid] socketserver*] d0
+                    lassign [cpu [dict get $rec workers]] w0
+                    set r [ab [dict get $rec port] $n $c]
+                    pause 20
+                    lassign [cpu [dict get $rec pid] socketserver*] d1
+                    lassign [cpu [dict get $rec workers]] w1
+                    set sum [expr {[dict exists $sums [list $name $c]]
+                            ? [dict get $sums [list $name $c]] : {0 0 0}}]
+                    dict set sums [list $name $c] [lmap total $sum add \
+                            [list [expr {$d1 - $d0}] [expr {$w1 - $w0}] [dict get $r complete]] {
+                        expr {$total + $add}
+                    }]
+                    record $run $name forkexec$c errors [dict get $r errors]
+                }
+            }
+        }
+    } finally {
+        foreach rec $recs {
+            stop $rec
+        }
+    }
+    set line ""
+    dict for {key sum} $sums {
+        lassign $key name c
+        lassign $sum dispatcher workers conns
+        set k [expr {1000.0 / max($conns, 1) / 1e6}]   ;# ns -> ms per 1000 connections
+        record $run $name forkexec$c cpu_dispatcher [expr {$dispatcher * $k}]
+        record $run $name forkexec$c cpu_workers [expr {$workers * $k}]
+        append line " | $name c=$c dispatcher [fmt [last $name forkexec$c cpu_dispatcher]]"
+    }
+    return "$line µs/conn"
+}
+
+proc ::bench::forkexec_report {configs cfg} {
+    if {"forkexec" ni $configs} {
+        return
+    }
+    set columns {{forkexec1 cpu_dispatcher} {forkexec32 cpu_dispatcher} {forkexec1 cpu_workers}
+        {forkexec32 cpu_workers} {forkexec32 errors 0}}
+    table_rows "Exec'd against forked workers (issue 13), N=8 each, both running, bursts in turn:\
+            [dict get $cfg pairrounds] × (ab -n [dict get $cfg herd] -c 1, ab -n\
+            [dict get $cfg pairburst] -c 32) through each; CPU in µs per connection:" \
+        {server {dispatcher c=1} {dispatcher c=32} {workers c=1} {workers c=32} {errors c=32}} \
+        {{"socketserver N=8, forked" ss8 {}} {"socketserver N=8, exec'd tclsh (-path)" ss8exec {}}} \
+        $columns
+    ratio_row "ratio exec'd / forked" ss8exec ss8 [lrange $columns 0 end-1] 1
 }
 
 # ---------------------------------------------------------------- PROXY protocol
@@ -1184,6 +1294,28 @@ proc ::bench::last {config scenario metric} {
     return [lindex $vals($config,$scenario,$metric) end]
 }
 
+# A table's title, header and separator lines.
+proc ::bench::table_head {title header} {
+    say "\n$title\n"
+    say "| [join $header { | }] |"
+    set sep {}
+    foreach h $header {
+        lappend sep [expr {$sep eq "" ? "---" : "---:"}]
+    }
+    say "| [join $sep { | }] |"
+}
+
+# A table row: TEXT, then the ratio of the medians of CONFIG and BASE in each
+# of COLUMNS ({scenario metric ?digits?} each), then EMPTY empty cells.
+proc ::bench::ratio_row {text config base columns {empty 0}} {
+    set row [list $text]
+    foreach col $columns {
+        lassign $col scenario metric
+        lappend row [fmt [ratio [med $config $scenario $metric] [med $base $scenario $metric]] 2]
+    }
+    say "| [join [concat $row [lrepeat $empty {}]] { | }] |"
+}
+
 # A row per configuration; COLUMNS: {scenario metric ?digits?} each.
 proc ::bench::table {title header configs columns} {
     table_rows $title $header [lmap c $configs {list [label $c] $c {}}] $columns
@@ -1195,13 +1327,7 @@ proc ::bench::table_rows {title header rows columns} {
     if {![llength $rows]} {
         return
     }
-    say "\n$title\n"
-    say "| [join $header { | }] |"
-    set sep {}
-    foreach h $header {
-        lappend sep [expr {$sep eq "" ? "---" : "---:"}]
-    }
-    say "| [join $sep { | }] |"
+    table_head $title $header
     foreach r $rows {
         lassign $r text config rowscenario
         set row [list $text]
@@ -1226,8 +1352,9 @@ proc ::bench::label {config} {
     if {[regexp {^ss(\d+)hap(v2)?$} $config -> n v2]} {
         return "socketserver N=$n behind HAProxy[expr {$v2 ne "" ? ", send-proxy-v2, -proxy v2" : ""}]"
     }
-    if {[regexp {^ss(\d+)(fe|tcl)?$} $config -> n variant]} {
-        set what [dict get {{} {} fe { (fileevent handler)} tcl { (Tcl's notifier)}} $variant]
+    if {[regexp {^ss(\d+)(fe|tcl|exec|py)?$} $config -> n variant]} {
+        set what [dict get {{} {} fe { (fileevent handler)} tcl { (Tcl's notifier)}
+            exec { (exec'd tclsh workers)} py { (Python worker.py)}} $variant]
         return "socketserver N=$n$what"
     }
     return $config
@@ -1339,7 +1466,8 @@ proc ::bench::main {argv} {
             -configs {
                 set only [lindex $argv [incr i]]
                 foreach c $only {
-                    if {![regexp {^(plain|limit|proxy|lb|ss\d+(fe|tcl)?)$} $c] && ![parkcfg $c]} {
+                    if {![regexp {^(plain|limit|proxy|lb|forkexec|ss\d+(fe|tcl|exec|py)?)$} $c]
+                            && ![parkcfg $c]} {
                         error "-configs: unknown configuration \"$c\""
                     }
                 }
@@ -1349,13 +1477,16 @@ proc ::bench::main {argv} {
     }
     if {$quick} {
         set cfg [dict create abn 5000 wrkd 2 slowd 2 herd 1000 warm 200 proxyrounds 4 proxyburst 2000 \
+                pairrounds 4 pairburst 2000 \
                 lbd 1 kad 1 idled 1 slowcd 2 slowcn 500 \
-                configs {plain ss2 ss8 limit ss1000 plainka ss4park ss4waitnone proxy lb}]
+                configs {plain ss2 ss8 limit ss1000 forkexec ss2py plainka ss4park ss4waitnone
+                    proxy lb}]
     } else {
         set cfg [dict create abn 20000 wrkd 10 slowd 4 herd 2000 warm 500 proxyrounds 10 proxyburst 4000 \
+                pairrounds 6 pairburst 4000 \
                 lbd 3 kad 3 idled 2 slowcd 3 slowcn 1000 \
-                configs {plain ss1 ss2 ss4 ss8 ss8tcl limit ss1000 plainka ss4park ss4waitnone
-                    proxy lb}]
+                configs {plain ss1 ss2 ss4 ss8 ss8tcl limit ss1000 ss8exec ss1py ss4py forkexec
+                    plainka ss4park ss4waitnone proxy lb}]
     }
     if {[llength $only]} {
         dict set cfg configs $only
@@ -1365,6 +1496,12 @@ proc ::bench::main {argv} {
         foreach c [lmap c $configs {if {$c ni {proxy lb}} continue; set c}] {
             set configs [lsearch -all -inline -not -exact $configs $c]
             say "haproxy is not installed (scripts/deps.sh --bench): configuration $c skipped"
+        }
+    }
+    if {[auto_execok python3] eq ""} {
+        foreach c [lmap c $configs {if {[spawn $c] ne "python"} continue; set c}] {
+            set configs [lsearch -all -inline -not -exact $configs $c]
+            say "python3 is not installed: configuration $c (examples/worker.py) skipped"
         }
     }
 
@@ -1425,7 +1562,7 @@ proc ::bench::main {argv} {
                 set t0 [clock milliseconds]
                 set rec {}
                 try {
-                    if {$name in {proxy lb}} {
+                    if {$name in {proxy lb forkexec}} {
                         say "run $run/$runs [format %-11s $name][${name}_run $run $cfg $ncores]\
                                 ([format %.1f [expr {([clock milliseconds] - $t0) / 1000.0}]] s)"
                         continue
@@ -1461,6 +1598,7 @@ proc ::bench::main {argv} {
 
     report $configs $cfg
     targets
+    not_forked_targets $configs
     park_targets $configs
 
     # CSV: every measurement, and the summary.
@@ -1490,7 +1628,7 @@ proc ::bench::main {argv} {
 }
 
 proc ::bench::report {all cfg} {
-    set configs [lmap c $all {if {[parkcfg $c] || $c in {proxy lb}} continue; set c}]
+    set configs [lmap c $all {if {[parkcfg $c] || $c in {proxy lb forkexec}} continue; set c}]
     set abn [dict get $cfg abn]
     set herd [dict get $cfg herd]
     say "\nMedians of the runs, (min–max). Latencies in ms; CPU in ms per 1000 connections\
@@ -1502,7 +1640,7 @@ proc ::bench::report {all cfg} {
     table "Fast, wrk -c 32 -d [dict get $cfg wrkd]s -H 'Connection: close':" \
         {server req/s p50 p99 max errors} $wrk \
         {{wrk rps 0} {wrk p50} {wrk p99} {wrk max} {wrk errors 0}}
-    set slow [lsearch -all -inline -not -exact $wrk limit]
+    set slow [lmap c $wrk {if {$c eq "limit" || [spawn $c] eq "python"} continue; set c}]
     table "Slow mix, wrk -c 32 -d [dict get $cfg slowd]s, one request in ten blocks its process 5 ms:" \
         {server req/s p50 p99 max errors} $slow \
         {{slow rps 0} {slow p50} {slow p99} {slow max} {slow errors 0}}
@@ -1514,6 +1652,8 @@ proc ::bench::report {all cfg} {
     say "\n(\"serving\" is the process holding the listener: for socketserver the dispatcher,\
             for plain the whole server, for limit its idle parent; limit's CPU is its per-connection floor.)"
     many_workers $configs $cfg
+    not_forked_report $configs $cfg
+    forkexec_report $all $cfg
     park_report $all $cfg
     proxy_report $all $cfg
     lb_report $all $cfg
@@ -1529,7 +1669,10 @@ proc ::bench::report {all cfg} {
 # it; its row in the table below is the dispatcher thread's CPU against the
 # same load with 8 workers.
 proc ::bench::many_workers {configs cfg} {
-    set ss [lsearch -all -inline -glob $configs ss*]
+    set ss [lmap c [lsearch -all -inline -glob $configs ss*] {
+        if {[spawn $c] ne "fork"} continue
+        set c
+    }]
     if {![llength $ss]} {
         return
     }
@@ -1537,12 +1680,85 @@ proc ::bench::many_workers {configs cfg} {
             -c 1 and ab -n [dict get $cfg abn] -c 32:" \
         {server {dispatcher c=1} {dispatcher c=32} {req/s c=1} {req/s c=32}} $ss \
         {{herd cpu_dispatcher} {ab cpu_dispatcher} {herd rps 0} {ab rps 0}}
-    set row [list "ratio N=1000 / N=8"]
-    foreach {scenario metric} {herd cpu_dispatcher ab cpu_dispatcher herd rps ab rps} {
-        set r [ratio [med ss1000 $scenario $metric] [med ss8 $scenario $metric]]
-        lappend row [expr {$r eq "" ? "n/a" : [format %.2f $r]}]
+    ratio_row "ratio N=1000 / N=8" ss1000 ss8 \
+        {{herd cpu_dispatcher} {ab cpu_dispatcher} {herd rps} {ab rps}}
+}
+
+# Issue 13: {ssN {variants}} for each ssN run with workers that are not
+# forked (ssNexec, ssNpy) run beside it.
+proc ::bench::not_forked {configs} {
+    set pairs {}
+    foreach c $configs {
+        if {[spawn $c] ne "fork" && [regexp {^(ss\d+)} $c -> base] && $base in $configs} {
+            dict lappend pairs $base $c
+        }
     }
-    say "| [join $row { | }] |"
+    return $pairs
+}
+
+# Issue 13: each configuration whose workers are not forked beside the same
+# number of forked ones, and a row of ratios of medians after each.
+proc ::bench::not_forked_report {configs cfg} {
+    set pairs [not_forked $configs]
+    if {![dict size $pairs]} {
+        return
+    }
+    set columns {{ab rps 0} {wrk rps 0} {ab cpu_all} {ab cpu_workers} {ab cpu_dispatcher}}
+    table_head "Workers that are not forked (issue 13), registered through -path: req/s with ab\
+            -n [dict get $cfg abn] -c 32 and wrk -c 32 -d [dict get $cfg wrkd]s, CPU in ms per\
+            1000 connections with ab -c 32 (all server processes, the workers, the dispatcher\
+            thread); wrk's req/s over plain's and limit's:" \
+        {server {req/s ab} {req/s wrk} {CPU all} {CPU workers} {CPU dispatcher} {wrk / plain}
+            {wrk / limit}}
+    dict for {base variants} $pairs {
+        foreach c [linsert $variants 0 $base] {
+            set row [list [label $c]]
+            foreach col $columns {
+                lappend row [cell $c {*}$col]
+            }
+            foreach anchor {plain limit} {
+                lappend row [fmt [ratio [med $c wrk rps] [med $anchor wrk rps]] 2]
+            }
+            say "| [join $row { | }] |"
+            if {$c ne $base} {
+                ratio_row "ratio [dict get {exec "exec'd" python Python} [spawn $c]] / forked,\
+                        N=[nworkers $c]" $c $base $columns 2
+            }
+        }
+    }
+}
+
+# Issue 13: the dispatcher does the same work for a worker that registered
+# through -path as for a forked one, so its CPU per connection should be the
+# same.  ± 0.25: measured as forkexec measures, two servers of the same kind
+# differed by up to 18% here (medians of 12 bursts at c=32).  Python's req/s
+# has no target: it is another program, here to show what a worker in
+# another language gets.
+proc ::bench::not_forked_targets {configs} {
+    set pairs [not_forked $configs]
+    if {"forkexec" ni $configs && ![dict size $pairs]} {
+        return
+    }
+    say "\nTargets (issue 13), ratios of medians from this run:"
+    if {"forkexec" in $configs} {
+        foreach c {1 32} {
+            compare "dispatcher CPU per connection at c=$c, exec'd / forked workers, N=8, bursts\
+                    in turn (target 1.00 ± 0.25)" [list ss8exec forkexec$c cpu_dispatcher] \
+                    [list ss8 forkexec$c cpu_dispatcher] ~ 0.25 µs
+        }
+    }
+    dict for {base variants} $pairs {
+        foreach c $variants {
+            if {[spawn $c] ne "python"} {
+                continue
+            }
+            set n [nworkers $base]
+            versus "req/s (wrk -c 32), Python workers / forked Tcl workers, N=$n (no target)" \
+                $c $base wrk rps - {} req/s 0
+            versus "CPU per connection of all server processes (ab -c 32), Python / forked Tcl\
+                    workers, N=$n (no target)" $c $base ab cpu_all - {} ms
+        }
+    }
 }
 
 proc ::bench::targets {} {
