@@ -1756,7 +1756,7 @@ proc ::bench::not_forked_targets {configs} {
             versus "req/s (wrk -c 32), Python workers / forked Tcl workers, N=$n (no target)" \
                 $c $base wrk rps - {} req/s 0
             versus "CPU per connection of all server processes (ab -c 32), Python / forked Tcl\
-                    workers, N=$n (no target)" $c $base ab cpu_all - {} ms
+                    workers, N=$n (no target)" $c $base ab cpu_all - {} µs
         }
     }
 }

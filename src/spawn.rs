@@ -76,7 +76,7 @@ pub fn spawn_command(interp: *mut Tcl_Interp, objv: &[Obj]) -> CmdResult<Obj> {
     }
 }
 
-/// Gives every signal its default action in the child, as Tcl's `exec` does (its RestoreSignals):
+/// Gives every standard signal its default action in the child, as Tcl's `exec` does (its RestoreSignals):
 /// a signal the serving process ignores (SIGPIPE, which Tcl ignores; SIGHUP under `nohup`; SIGINT
 /// in a background job) must not be ignored by a worker that the pool retires with SIGTERM or that
 /// expects a broken pipe to end it. Handlers are reset by exec anyway; the mask std empties.
