@@ -372,7 +372,9 @@ proc ::socketserver::pool::Exec {name} {
     set port [dict get $config -port]
     set env [dict create SOCKETSERVER_PATH [dict get [::socketserver::info $port] path] \
                  SOCKETSERVER_PORT $port SOCKETSERVER_MAXCONNECTIONS [dict get $config -maxconnections]]
-    return [::socketserver::spawn -env $env -- {*}[dict get $config -exec]]
+    # A process group of its own: Ctrl-C at the monitor's terminal is the monitor's to handle
+    # (a worker of its own retires on SIGINT), as forked workers ignore it.
+    return [::socketserver::spawn -env $env -newgroup 1 -- {*}[dict get $config -exec]]
 }
 
 # The started pipe is readable: workers that have registered with the dispatcher wrote their pid.
@@ -729,7 +731,8 @@ proc ::socketserver::pool::Reap {name} {
         # An exec'd worker can register, serve its -maxconnections and exit between two looks at
         # the dispatcher's list: its exit 0 is trusted once the program has shown it registers.
         set done [expr {$how eq "EXIT" && $detail eq "0"}]
-        set trusted [expr {$done && [set ${name}::proven] && [dict get [set ${name}::config] -exec] ne {}}]
+        set trusted [expr {$done && [dict get $worker max] > 0 && [set ${name}::proven]
+                           && [dict get [set ${name}::config] -exec] ne {}}]
         # Killed from outside (an operator, -timeout) is not the worker's failure to start.
         if {![dict get $worker registered] && $detail ni {SIGKILL SIGTERM} && !$trusted} {
             dict incr ${name}::totals respawned
@@ -770,8 +773,13 @@ proc ::socketserver::pool::Tick {name} {
             Recycle $name $info
         }
     }
+    upvar #0 ${name}::tick tick
+    after cancel $tick ;# the one a Hurry during this Tick scheduled, if any
+    if {[set ${name}::stopping]} {
+        return
+    }
     set ms [expr {[llength [Starting $name]] ? 10 : 100}]
-    set ${name}::tick [after $ms [list ::socketserver::pool::Tick $name]]
+    set tick [after $ms [list ::socketserver::pool::Tick $name]]
 }
 
 # The next Tick in 10 ms: an exec'd worker has just been started.
@@ -954,6 +962,7 @@ proc ::socketserver::pool::worker {args} {
     set failed [catch {WorkerArm} error options]
     if {!$failed} {
         vwait ::socketserver::pool::worker_done
+        WorkerLeave $path
     }
     dict set worker running 0
     dict for {signal script} $traps {
@@ -963,6 +972,15 @@ proc ::socketserver::pool::worker {args} {
         return -options $options $error
     }
     return [dict get $worker reason]
+}
+
+# Ends the registration at path, if it is still there: what the dispatcher may already have sent
+# goes to another worker, and no more comes while the caller of `pool worker` goes on.
+proc ::socketserver::pool::WorkerLeave {path} {
+    if {![catch {::socketserver::info} info] && [dict get $info role] eq "worker"
+            && [dict get $info path] eq [file normalize $path]} {
+        catch {::socketserver::socket close [dict get $info port]}
+    }
 }
 
 # The worker's state: arm is the `socket client` command (without the handler) that asks for the
