@@ -355,10 +355,11 @@ pub fn parse_info(args: &[&str]) -> CmdResult<Option<u16>> {
 }
 
 #[cfg(test)]
-mod tests {
+pub(crate) mod tests {
     use super::*;
 
-    fn text(err: CmdError) -> String {
+    /// The message of a CmdError that is one.
+    pub(crate) fn text(err: CmdError) -> String {
         match err {
             CmdError::Message { text, .. } => text,
             other => panic!("expected a message, got {other:?}"),

@@ -892,19 +892,9 @@ pub fn dict_pairs(interp: *mut Tcl_Interp, dict: &Obj) -> Result<Vec<(Obj, Obj)>
         let message = unsafe { Obj::from_ptr(crate::tcl_stubs::Tcl_GetObjResult(interp)) }.to_string_lossy();
         return Err(CmdError::new(message, &["TCL", "VALUE", "DICTIONARY"]));
     }
-    let mut count: c_int = 0;
-    let mut elements: *mut *mut Tcl_Obj = std::ptr::null_mut();
-    // SAFETY: a dict is a valid list (its pairs, keys unique), so this cannot fail; Tcl gives us a
-    // pointer to count live elements, each of which we take a reference to before anything can
-    // change the list.
-    let pairs = unsafe {
-        if crate::tcl_stubs::Tcl_ListObjGetElements(std::ptr::null_mut(), dict.as_ptr(), &mut count, &mut elements) != TCL_OK {
-            return Err(CmdError::new("a dict that is no list", &["TCL", "VALUE", "DICTIONARY"]));
-        }
-        let elements = std::slice::from_raw_parts(elements, count.max(0) as usize);
-        elements.chunks_exact(2).map(|pair| (Obj::from_ptr(pair[0]), Obj::from_ptr(pair[1]))).collect()
-    };
-    Ok(pairs)
+    // A dict is a valid list of its pairs, keys unique.
+    let elements = list_elements(dict);
+    Ok(elements.chunks_exact(2).map(|pair| (pair[0].clone(), pair[1].clone())).collect())
 }
 
 #[cfg(test)]

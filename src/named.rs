@@ -197,9 +197,25 @@ pub fn resolve_group(word: &str) -> Result<u32, String> {
 }
 
 #[cfg(test)]
-mod tests {
+pub(crate) mod tests {
     use super::*;
     use std::os::fd::AsFd;
+
+    /// `f`'s results in `n` threads that call it at the same moment.
+    pub(crate) fn at_once<T: Send>(n: usize, f: impl Fn() -> T + Sync) -> Vec<T> {
+        let start = std::sync::Barrier::new(n);
+        std::thread::scope(|scope| {
+            let threads: Vec<_> = (0..n)
+                .map(|_| {
+                    scope.spawn(|| {
+                        start.wait();
+                        f()
+                    })
+                })
+                .collect();
+            threads.into_iter().map(|thread| thread.join().unwrap()).collect()
+        })
+    }
 
     fn listen_now(path: &Path, mode: u32) -> io::Result<(OwnedFd, NamedPath)> {
         listen(path, mode, 8, &DirectoryLock::take(path)?)
@@ -273,17 +289,7 @@ mod tests {
             let (listener, stale) = listen_now(&path, DEFAULT_MODE).unwrap();
             std::mem::forget(stale);
             drop(listener);
-            let start = std::sync::Arc::new(std::sync::Barrier::new(4));
-            let threads: Vec<_> = (0..4)
-                .map(|_| {
-                    let (path, start) = (path.clone(), start.clone());
-                    std::thread::spawn(move || {
-                        start.wait();
-                        listen_now(&path, DEFAULT_MODE)
-                    })
-                })
-                .collect();
-            let made: Vec<_> = threads.into_iter().filter_map(|t| t.join().unwrap().ok()).collect();
+            let made: Vec<_> = at_once(4, || listen_now(&path, DEFAULT_MODE)).into_iter().filter_map(Result::ok).collect();
             assert_eq!(made.len(), 1, "round {round}: {} servers got the path", made.len());
             for (listener, named) in made {
                 std::mem::forget(named); // stale for the next round

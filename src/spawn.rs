@@ -139,16 +139,10 @@ fn exec_error(program: &str, err: &io::Error) -> CmdError {
 #[cfg(test)]
 mod tests {
     use super::*;
+    use crate::args::tests::text;
 
     fn words(list: &[&str]) -> Vec<String> {
         std::iter::once("spawn").chain(list.iter().copied()).map(String::from).collect()
-    }
-
-    fn text(err: CmdError) -> String {
-        match err {
-            CmdError::Message { text, .. } => text,
-            other => format!("{other:?}"),
-        }
     }
 
     #[test]

@@ -699,7 +699,8 @@ proc ::socketserver::pool::Reap {name} {
     # A worker that registered just before it ended has said so: read that first (an exec'd one
     # may still be listed by the dispatcher).
     Started $name
-    if {![catch {::socketserver::info [dict get [set ${name}::config] -port]} info]} {
+    set config [set ${name}::config]
+    if {[dict get $config -exec] ne {} && ![catch {::socketserver::info [dict get $config -port]} info]} {
         Listed $name $info
     }
     # Only our own pids: waiting for any child would steal the ones `exec` waits for.
@@ -759,8 +760,12 @@ proc ::socketserver::pool::Reap {name} {
 proc ::socketserver::pool::Tick {name} {
     set config [set ${name}::config]
     set timeout [dict get $config -timeout]
-    if {![catch {::socketserver::info [dict get $config -port]} info]} {
-        Listed $name $info
+    set exec [expr {[dict get $config -exec] ne {}}]
+    # A forked pool without -timeout has nothing to ask the dispatcher.
+    if {($exec || $timeout > 0) && ![catch {::socketserver::info [dict get $config -port]} info]} {
+        if {$exec} {
+            Listed $name $info
+        }
         dict for {pid status} [dict get $info status] {
             if {$timeout > 0 && [dict get $status state] eq "busy" && [dict get $status busy_ms] > $timeout
                     && [dict exists [set ${name}::workers] $pid]} {
@@ -769,7 +774,7 @@ proc ::socketserver::pool::Tick {name} {
                 catch {::socketserver::kill KILL $pid}
             }
         }
-        if {[dict get $config -exec] ne {}} {
+        if {$exec} {
             Recycle $name $info
         }
     }

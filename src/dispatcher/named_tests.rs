@@ -158,17 +158,7 @@ fn more_workers_registering_at_once_than_there_are_places_all_get_in() {
     let path = scratch("crowd");
     let server = start_at(&path);
     let crowd = 5 * CAPACITY / 2;
-    let start = std::sync::Arc::new(std::sync::Barrier::new(crowd));
-    let threads: Vec<_> = (0..crowd)
-        .map(|_| {
-            let (path, start) = (path.clone(), start.clone());
-            std::thread::spawn(move || {
-                start.wait();
-                WorkerLink::register_at(&path).map_err(|e| format!("{e:?}"))
-            })
-        })
-        .collect();
-    let results: Vec<_> = threads.into_iter().map(|t| t.join().unwrap()).collect();
+    let results = named::tests::at_once(crowd, || WorkerLink::register_at(&path).map_err(|e| format!("{e:?}")));
     let failed: Vec<_> = results.iter().filter_map(|r| r.as_ref().err()).collect();
     assert!(failed.is_empty(), "{} of {crowd} refused: {failed:?}", failed.len());
     let snap = wait_for(&server, "every one registered", |s| s.workers.len() == crowd);
