@@ -69,10 +69,20 @@ fn a_registration_of_another_version_is_refused_with_the_version_spoken() {
         drop(dispatcher_link);
         assert_eq!(answer(&link), Some(wire::Answer::Refused(Refusal::Version(wire::VERSION))), "with {fds} fds");
     }
+    // Truncated (the tag alone) and oversized (past the longest registration of any version):
+    // dropped unanswered, and the dispatcher goes on.
+    let oversized = [b"W\x02".as_slice(), &[0x55; wire::MAX_REGISTRATION]].concat();
+    for message in [b"W".as_slice(), &oversized] {
+        let conn = named::connect(&path, 5 * SECOND).unwrap();
+        let (link, dispatcher_link) = fdpass::seqpacket_pair().unwrap();
+        fdpass::send_with_fds(conn.as_fd(), message, &[dispatcher_link.as_fd()]).unwrap();
+        drop(dispatcher_link);
+        assert_eq!(answer(&link), None, "{} bytes", message.len());
+    }
     let accepted = register_by_hand(&path, &registration(std::process::id() as i32));
     assert_eq!(accepted, Some(wire::Answer::Accepted { version: wire::VERSION, port: server.address.port() }));
     let snap = server.snapshot().unwrap();
-    assert_eq!((snap.refused, snap.denied), (4, 0));
+    assert_eq!((snap.refused, snap.denied), (6, 0));
 }
 
 #[test]
